@@ -1,0 +1,76 @@
+"""Artifact Studio composition root: parse options, open the store, build the UI, launch.
+
+`python app.py [serve options]` equals `artifact-studio serve [options]`; every other
+`artifact-studio` command is dispatched to studio.cli.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from studio import cli
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["serve", *argv]
+    return cli.main(argv, serve=serve)
+
+
+def read_auth(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Credentials from --auth USER:PASS and/or --auth-file (one USER:PASS per line)."""
+    lines: list[str] = []
+    if args.auth:
+        lines.append(args.auth)
+    if args.auth_file:
+        path = Path(args.auth_file).expanduser()
+        if not path.is_file():
+            raise ValueError(f"Auth file '{path}' does not exist.")
+        lines += [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    creds = []
+    for line in lines:
+        user, sep, password = line.partition(":")
+        if not sep or not user or not password:
+            raise ValueError("Credentials must look like USER:PASSWORD (both non-empty).")
+        creds.append((user, password))
+    return creds
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Start the web UI. Refuses non-loopback hosts and --share without credentials."""
+    creds = read_auth(args)
+    exposed = args.share or args.host not in LOOPBACK
+    if exposed and not creds:
+        raise ValueError(f"Refusing to serve on {'a share link' if args.share else args.host} without a password; "
+                         "add --auth USER:PASSWORD or --auth-file FILE.")
+    if not (1 <= args.port <= 65535):
+        raise ValueError(f"Port {args.port} is out of range; use 1 to 65535.")
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from engines.models import pick_device
+    from studio.services import ASSETS_DIR, Services, resolve_data_dir
+    from studio.ui import build_ui
+
+    device = args.device or pick_device()
+    services = Services.open(resolve_data_dir(args.data_dir), model_spec=args.model, device=device)
+    print(f"Artifact Studio data dir: {services.data_dir}", flush=True)
+    print(f"Model: {services.model_spec} on {device}" + (" (demo: tiny random weights, not meaningful images)"
+                                                         if services.uses_demo_model else ""), flush=True)
+    services.ensure_samples()
+    demo = build_ui(services)
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(
+        server_name=args.host, server_port=args.port, share=args.share, auth=creds or None,
+        allowed_paths=[str(services.data_dir), str(ASSETS_DIR)], ssr_mode=False, show_error=True,
+        footer_links=["settings"], theme=None, css=None,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""What the UI and the CLI share: the data directory, the store, and lazily built engines.
+
+`Services` is created once per process (by app.py or the CLI). Engines are built on first use and
+kept; a lock makes sure two browser tabs never build or run the same model twice at once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engines.models import DEMO, DEMO_NOTE
+from studio.store import NewImage, Store
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+SAMPLES_SESSION = "Samples"
+
+
+def resolve_data_dir(cli_value: str | None) -> Path:
+    """--data-dir, else $ARTIFACT_STUDIO_HOME, else $XDG_DATA_HOME/artifact-studio (~/.local/share)."""
+    if cli_value:
+        return Path(cli_value).expanduser().resolve()
+    env = os.environ.get("ARTIFACT_STUDIO_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return (Path(base) / "artifact-studio").resolve()
+
+
+@dataclass
+class Services:
+    """Process-wide state: store plus engines built on demand. Not a dataclass of the UI."""
+
+    data_dir: Path
+    store: Store
+    model_spec: str = DEMO
+    device: str = "cpu"
+    _text2image: object | None = field(default=None, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    gpu_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def open(cls, data_dir: Path, model_spec: str | None = None, device: str = "cpu") -> "Services":
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return cls(data_dir=data_dir, store=Store(data_dir), model_spec=model_spec or DEMO, device=device)
+
+    @property
+    def uses_demo_model(self) -> bool:
+        return self.model_spec == DEMO
+
+    def model_note(self) -> str:
+        if self.uses_demo_model:
+            return DEMO_NOTE
+        return f"Model: {self.model_spec} on {self.device}."
+
+    def text2image(self):
+        """The TextToImage engine for the configured model (loaded once; raises ModelNotFoundError)."""
+        from engines.generate import TextToImage
+        from engines.models import load_text2image
+
+        with self._lock:
+            if self._text2image is None:
+                dtype = "float16" if self.device == "cuda" and not self.uses_demo_model else "float32"
+                loaded = load_text2image(self.model_spec, data_dir=self.data_dir, device=self.device, dtype=dtype)
+                self._text2image = TextToImage(loaded)
+            return self._text2image
+
+    def ensure_samples(self) -> None:
+        """Create the "Samples" session with the bundled public-domain photos, once per data dir."""
+        marker = self.data_dir / ".samples-created"
+        if marker.exists():
+            return
+        from skimage import data as skdata
+
+        items = []
+        for entry in json.loads((ASSETS_DIR / "samples.json").read_text())["samples"]:
+            rgb = getattr(skdata, entry["loader"])()
+            items.append(NewImage(rgb=rgb[..., :3], source="sample", original_name=entry["name"],
+                                  params={"licence": entry["licence"], "credit": entry["credit"]}))
+        session = self.store.ensure_session(SAMPLES_SESSION)
+        if not self.store.list_images(session.id):
+            self.store.add_images(session.id, items)
+        marker.write_text("The Samples session was created; delete this file to create it again.\n")
+
+    def close(self) -> None:
+        self.store.close()

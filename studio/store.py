@@ -1,0 +1,545 @@
+"""The session store: SQLite (via sqlite-utils) plus content-addressed files.
+
+This module is the only writer of session data. Layout under ``data_dir``::
+
+    studio.db                      SQLite database (WAL mode, foreign keys on)
+    files/<sha[:2]>/<sha>.png      image and mask PNGs, named by sha256 of the PNG bytes
+
+Images are RGB uint8 HWC numpy arrays; masks are ``bool[H, W]`` (True = artifact region).
+The database stores file paths relative to ``data_dir`` (``files/ab/<sha>.png``); records
+returned here carry absolute paths. Timestamps are ISO-8601 UTC strings, parameters are JSON
+text (``sort_keys=True``), so the database is browsable as-is with sqlite3 or Datasette.
+Files are never overwritten: the same sha256 means the same bytes, so an existing file is reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import sqlite3
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import sqlite_utils
+from PIL import Image
+
+IMAGE_SOURCES = ("generated", "uploaded", "corrupted", "repaired", "sample")
+MASK_AUTHORS = ("human", "sam-assisted", "detector", "synthetic")
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
+GENERATION_KEYS = ("prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale",
+                   "width", "height", "count", "model_id", "params", "duration_s")
+MAX_NAME_LENGTH = 100
+_INT, _REAL = (int, np.integer), (float, int, np.integer, np.floating)
+_GENERATION_TYPES = {"prompt": (str,), "negative_prompt": (str,), "model_id": (str,), "params": (dict,),
+                     "seed": _INT, "num_inference_steps": _INT, "width": _INT, "height": _INT,
+                     "count": _INT, "guidance_scale": _REAL, "duration_s": _REAL}
+
+
+class StoreError(ValueError):
+    """A user-facing problem (unknown session, duplicate name...). Message is one clear sentence."""
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    id: int
+    name: str
+    created_at: str
+    updated_at: str
+    image_count: int
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """A stored image. ``path`` is the absolute path of its PNG; ``params`` is decoded JSON."""
+    id: int
+    session_id: int
+    sha256: str
+    path: str
+    width: int
+    height: int
+    source: str
+    parent_id: int | None
+    generation_id: int | None
+    model_id: str | None
+    params: dict
+    original_name: str | None
+    created_at: str
+
+
+@dataclass(frozen=True)
+class NewImage:
+    """An image to add: ``rgb`` is a uint8 numpy array of shape (H, W, 3)."""
+    rgb: np.ndarray
+    source: str
+    parent_id: int | None = None
+    model_id: str | None = None
+    params: dict = field(default_factory=dict)
+    original_name: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    id: int
+    session_id: int
+    prompt: str
+    negative_prompt: str | None
+    seed: int | None
+    num_inference_steps: int | None
+    guidance_scale: float | None
+    width: int | None
+    height: int | None
+    count: int
+    model_id: str | None
+    params: dict
+    duration_s: float | None
+    created_at: str
+
+
+@dataclass(frozen=True)
+class MaskRecord:
+    """A stored mask (a 1-bit PNG). ``bbox`` is (x_min, y_min, x_max, y_max), inclusive pixel
+    indices of the True pixels, or None for an empty mask; ``version`` is 1 for an image's first
+    mask and counts up per image."""
+    id: int
+    image_id: int
+    sha256: str
+    path: str
+    author: str
+    class_name: str | None
+    caption: str | None
+    bbox: tuple[int, int, int, int] | None
+    version: int
+    created_at: str
+
+
+# ---------------------------------------------------------------- migrations
+def _m1_initial(db: sqlite_utils.Database) -> None:
+    statuses = ", ".join(f"'{s}'" for s in JOB_STATUSES)
+    sources = ", ".join(f"'{s}'" for s in IMAGE_SOURCES)
+    authors = ", ".join(f"'{a}'" for a in MASK_AUTHORS)
+    for sql in [
+        """CREATE TABLE sessions (
+            id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE COLLATE NOCASE,
+            created_at TEXT NOT NULL, updated_at TEXT NOT NULL)""",
+        """CREATE TABLE generations (
+            id INTEGER PRIMARY KEY,
+            session_id INTEGER NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+            prompt TEXT NOT NULL, negative_prompt TEXT, seed INTEGER, num_inference_steps INTEGER,
+            guidance_scale REAL, width INTEGER, height INTEGER, count INTEGER NOT NULL,
+            model_id TEXT, params TEXT NOT NULL DEFAULT '{}', duration_s REAL,
+            created_at TEXT NOT NULL)""",
+        f"""CREATE TABLE images (
+            id INTEGER PRIMARY KEY,
+            session_id INTEGER NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+            sha256 TEXT NOT NULL, path TEXT NOT NULL,
+            width INTEGER NOT NULL, height INTEGER NOT NULL,
+            source TEXT NOT NULL CHECK (source IN ({sources})),
+            parent_id INTEGER REFERENCES images(id) ON DELETE SET NULL,
+            generation_id INTEGER REFERENCES generations(id) ON DELETE SET NULL,
+            model_id TEXT, params TEXT NOT NULL DEFAULT '{{}}', original_name TEXT,
+            created_at TEXT NOT NULL)""",
+        f"""CREATE TABLE masks (
+            id INTEGER PRIMARY KEY,
+            image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+            sha256 TEXT NOT NULL, path TEXT NOT NULL,
+            author TEXT NOT NULL CHECK (author IN ({authors})),
+            class_name TEXT, caption TEXT, bbox TEXT, version INTEGER NOT NULL DEFAULT 1,
+            created_at TEXT NOT NULL)""",
+        f"""CREATE TABLE jobs (
+            id INTEGER PRIMARY KEY, kind TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'queued' CHECK (status IN ({statuses})),
+            params TEXT NOT NULL DEFAULT '{{}}', log_path TEXT, pid INTEGER,
+            created_at TEXT NOT NULL, started_at TEXT, finished_at TEXT, error TEXT)""",
+        "CREATE INDEX idx_images_session_id ON images(session_id)",
+        "CREATE INDEX idx_images_sha256 ON images(sha256)",
+        "CREATE INDEX idx_images_parent_id ON images(parent_id)",
+        "CREATE INDEX idx_images_generation_id ON images(generation_id)",
+        "CREATE INDEX idx_generations_session_id ON generations(session_id)",
+        "CREATE INDEX idx_masks_image_id ON masks(image_id)",
+        "CREATE INDEX idx_masks_sha256 ON masks(sha256)",
+        "CREATE INDEX idx_jobs_status ON jobs(status)",
+    ]:
+        db.execute(sql)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial]
+
+
+# ---------------------------------------------------------------- helpers
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _to_json(value: Any, what: str) -> str:
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a dict, got {type(value).__name__}.")
+    try:
+        return json.dumps(value, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} must be JSON-serialisable "
+                         f"(str/int/finite float/bool/list/dict): {exc}.") from None
+
+
+def _check_optional(what: str, value: Any, kind: type) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+        raise ValueError(f"{what} must be {kind.__name__} or None, got {value!r}.")
+
+
+def _check_rgb(rgb: Any, index: int) -> None:
+    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 \
+            or rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        got = f"{rgb.dtype} array of shape {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
+        raise ValueError(f"Image {index}: rgb must be a uint8 numpy array of shape (H, W, 3), got {got}.")
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Store:
+    """Sessions, images, generations, masks and jobs in ``<data_dir>/studio.db``; thread-safe."""
+
+    def __init__(self, data_dir: Path | str):
+        self._data_dir = Path(data_dir).expanduser().resolve()
+        self._data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(str(self.db_path), timeout=5.0, check_same_thread=False,
+                                     isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.execute("PRAGMA busy_timeout=5000")
+        self.db = sqlite_utils.Database(self._conn, execute_plugins=False)
+        self._migrate()
+
+    data_dir = property(lambda self: self._data_dir)
+    db_path = property(lambda self: self._data_dir / "studio.db")
+    files_dir = property(lambda self: self._data_dir / "files")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[None]:
+        """One write transaction (BEGIN IMMEDIATE); rolled back on any exception."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        """Apply each pending migration once, in its own transaction, and record it."""
+        with self._tx():
+            self.db.execute("CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, "
+                            "name TEXT NOT NULL, applied_at TEXT NOT NULL)")
+        if self.schema_version() > len(MIGRATIONS):
+            raise StoreError(f"{self.db_path} has schema version {self.schema_version()}, newer than this "
+                             f"Artifact Studio supports ({len(MIGRATIONS)}); upgrade the app.")
+        for version, migration in enumerate(MIGRATIONS, start=1):
+            with self._tx():  # re-read inside the write lock: another process may have migrated
+                if version > self.schema_version():
+                    migration(self.db)
+                    self.db.table("migrations").insert(
+                        {"version": version, "name": migration.__name__, "applied_at": _now()})
+
+    def schema_version(self) -> int:
+        with self._lock:
+            row = self._conn.execute("SELECT MAX(version) FROM migrations").fetchone()
+            return int(row[0] or 0)
+
+    # ------------------------------------------------------------ sessions
+    def _clean_name(self, name: Any, ignore_id: int | None = None) -> str:
+        if not isinstance(name, str):
+            raise StoreError(f"A session name must be text, got {type(name).__name__}.")
+        name = name.strip()
+        if not 1 <= len(name) <= MAX_NAME_LENGTH:
+            raise StoreError(f"A session name must be 1 to {MAX_NAME_LENGTH} characters, got {len(name)}.")
+        if name.isdecimal():
+            raise StoreError(f"A session name cannot be only digits ({name!r}); digits refer to session ids.")
+        if any(ord(c) < 32 or ord(c) == 127 for c in name):
+            raise StoreError("A session name cannot contain control characters such as newlines or tabs.")
+        row = self._conn.execute("SELECT id, name FROM sessions WHERE name = ?", (name,)).fetchone()
+        if row is not None and row[0] != ignore_id:
+            raise StoreError(f"A session named {row[1]!r} already exists; choose another name.")
+        return name
+
+    def _session_id(self, name_or_id: str | int) -> int:
+        if isinstance(name_or_id, bool) or not isinstance(name_or_id, (int, str)):
+            raise StoreError(f"Unknown session {name_or_id!r}: give a session name or a numeric id.")
+        key = name_or_id.strip() if isinstance(name_or_id, str) else name_or_id
+        if isinstance(key, int) or key.isdecimal():
+            row = self._conn.execute("SELECT id FROM sessions WHERE id = ?", (int(key),)).fetchone()
+        else:
+            row = self._conn.execute("SELECT id FROM sessions WHERE name = ?", (key,)).fetchone()
+        if row is None:
+            raise StoreError(f"Unknown session {str(name_or_id)!r}: no session has that name or id "
+                             "(the Sessions tab and list_sessions() show the existing ones).")
+        return int(row[0])
+
+    def _session_rows(self, where: str = "", params: tuple = ()) -> list[SessionInfo]:
+        sql = ("SELECT s.id, s.name, s.created_at, s.updated_at, COUNT(i.id) AS image_count "
+               f"FROM sessions s LEFT JOIN images i ON i.session_id = s.id {where} "
+               "GROUP BY s.id ORDER BY s.updated_at DESC, s.id DESC")
+        return [SessionInfo(**row) for row in self.db.query(sql, params)]
+
+    def _touch(self, session_id: int) -> None:
+        self.db.execute("UPDATE sessions SET updated_at = ? WHERE id = ?", (_now(), session_id))
+
+    def create_session(self, name: str) -> SessionInfo:
+        with self._tx():
+            name = self._clean_name(name)
+            now = _now()
+            session_id = self.db.table("sessions").insert(
+                {"name": name, "created_at": now, "updated_at": now}).last_pk
+        return self.get_session(int(session_id))
+
+    def get_session(self, name_or_id: str | int) -> SessionInfo:
+        with self._lock:
+            return self._session_rows("WHERE s.id = ?", (self._session_id(name_or_id),))[0]
+
+    def ensure_session(self, name: str) -> SessionInfo:
+        with self._lock:
+            try:
+                return self.get_session(name)
+            except StoreError:
+                return self.create_session(name)
+
+    def list_sessions(self) -> list[SessionInfo]:
+        """All sessions, most recently updated first."""
+        with self._lock:
+            return self._session_rows()
+
+    def rename_session(self, session_id: int | str, new_name: str) -> SessionInfo:
+        with self._tx():
+            sid = self._session_id(session_id)
+            name = self._clean_name(new_name, ignore_id=sid)
+            self.db.execute("UPDATE sessions SET name = ?, updated_at = ? WHERE id = ?", (name, _now(), sid))
+        return self.get_session(sid)
+
+    def delete_session(self, session_id: int | str) -> None:
+        """Delete a session and its images, generations and masks in one transaction, then the
+        files that no remaining image or mask references."""
+        with self._tx():
+            sid = self._session_id(session_id)
+            shas = {r[0] for r in self._conn.execute(
+                "SELECT sha256 FROM images WHERE session_id = ? UNION SELECT m.sha256 FROM masks m "
+                "JOIN images i ON i.id = m.image_id WHERE i.session_id = ?", (sid, sid))}
+            self.db.execute("DELETE FROM masks WHERE image_id IN "
+                            "(SELECT id FROM images WHERE session_id = ?)", (sid,))
+            self.db.execute("DELETE FROM images WHERE session_id = ?", (sid,))
+            self.db.execute("DELETE FROM generations WHERE session_id = ?", (sid,))
+            self.db.execute("DELETE FROM sessions WHERE id = ?", (sid,))
+        # A second write transaction holds the DB write lock so no writer adds a reference meanwhile.
+        with self._tx():
+            for sha in sorted(shas):
+                in_use = self._conn.execute(
+                    "SELECT 1 FROM images WHERE sha256 = ? "
+                    "UNION ALL SELECT 1 FROM masks WHERE sha256 = ? LIMIT 1",
+                    (sha, sha)).fetchone()
+                if in_use is None:
+                    self._file_path(sha).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------ files
+    def _file_path(self, sha: str) -> Path:
+        return self.files_dir / sha[:2] / f"{sha}.png"
+
+    def _put_file(self, data: bytes, sha: str, created: list[Path]) -> str:
+        """Store PNG bytes content-addressed; never overwrite. New files/dirs are appended to
+        ``created`` so a failed caller can remove them. Returns the path relative to data_dir."""
+        path = self._file_path(sha)
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True)
+            created.append(path.parent)
+        if not path.exists():
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            created.append(path)
+        return path.relative_to(self._data_dir).as_posix()
+
+    @staticmethod
+    def _remove_created(created: list[Path]) -> None:
+        for p in reversed(created):  # files before the directories that hold them
+            with contextlib.suppress(OSError):
+                p.rmdir() if p.is_dir() else p.unlink()
+
+    # ------------------------------------------------------------ images
+    def _insert_image_row(self, row: dict) -> int:
+        return int(self.db.table("images").insert(row).last_pk)
+
+    def _insert_generation(self, session_id: int, generation: dict, n_images: int) -> int:
+        if not isinstance(generation, dict):
+            raise ValueError(f"generation must be a dict, got {type(generation).__name__}.")
+        unknown = sorted(set(generation) - set(GENERATION_KEYS))
+        if unknown:
+            raise ValueError(f"Unknown generation field(s) {unknown}; accepted: {list(GENERATION_KEYS)}.")
+        row = {"count": n_images, **{k: v for k, v in generation.items() if v is not None}}
+        for key, kinds in _GENERATION_TYPES.items():
+            value = row.get(key)
+            if value is None or key == "params":
+                continue
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise ValueError(f"generation[{key!r}] must be {kinds[0].__name__}, got {value!r}.")
+            row[key] = kinds[0](value)
+        if "prompt" not in row:
+            raise ValueError("generation['prompt'] is required (a string, may be empty).")
+        if row.get("seed") is not None and not 0 <= row["seed"] < 2**63:
+            raise ValueError(f"generation['seed'] must be in [0, 2**63), got {row['seed']}.")
+        row.update(session_id=session_id, params=_to_json(row.get("params", {}), "generation['params']"),
+                   created_at=_now())
+        return int(self.db.table("generations").insert(row).last_pk)
+
+    def add_images(self, session_id: int | str, items: list[NewImage],
+                   generation: dict | None = None) -> list[ImageRecord]:
+        """Add images (RGB uint8 HWC) all-or-nothing: on any error the rows are rolled back and
+        files created by this call are removed. ``generation`` (prompt, seed, ...) adds one
+        ``generations`` row that every image links to."""
+        items = list(items)
+        if not items:
+            raise ValueError("add_images needs at least one NewImage.")
+        encoded = []
+        for i, item in enumerate(items):
+            if not isinstance(item, NewImage):
+                raise ValueError(f"Image {i}: expected a NewImage, got {type(item).__name__}.")
+            _check_rgb(item.rgb, i)
+            if item.source not in IMAGE_SOURCES:
+                raise ValueError(f"Image {i}: source {item.source!r} is not one of {list(IMAGE_SOURCES)}.")
+            _check_optional(f"Image {i}: parent_id", item.parent_id, int)
+            _check_optional(f"Image {i}: model_id", item.model_id, str)
+            _check_optional(f"Image {i}: original_name", item.original_name, str)
+            params = _to_json(item.params, f"Image {i}: params")
+            data = _png_bytes(Image.fromarray(np.ascontiguousarray(item.rgb)))
+            encoded.append((item, params, data, hashlib.sha256(data).hexdigest()))
+        created: list[Path] = []
+        ids = []
+        try:
+            with self._tx():
+                sid = self._session_id(session_id)
+                gen_id = None if generation is None else self._insert_generation(sid, generation, len(items))
+                for i, (item, params, data, sha) in enumerate(encoded):
+                    if item.parent_id is not None and self._conn.execute(
+                            "SELECT 1 FROM images WHERE id = ?", (item.parent_id,)).fetchone() is None:
+                        raise StoreError(f"Image {i}: parent image id {item.parent_id} does not exist.")
+                    h, w = item.rgb.shape[:2]
+                    ids.append(self._insert_image_row({
+                        "session_id": sid, "sha256": sha, "path": self._put_file(data, sha, created),
+                        "width": w, "height": h, "source": item.source, "parent_id": item.parent_id,
+                        "generation_id": gen_id, "model_id": item.model_id, "params": params,
+                        "original_name": item.original_name, "created_at": _now()}))
+                self._touch(sid)
+        except BaseException:
+            self._remove_created(created)
+            raise
+        return [self.get_image(i) for i in ids]
+
+    def _image_record(self, row: dict) -> ImageRecord:
+        row = dict(row, path=str(self._data_dir / row["path"]), params=json.loads(row["params"]))
+        return ImageRecord(**row)
+
+    def list_images(self, session_id: int | str) -> list[ImageRecord]:
+        """A session's images, oldest first."""
+        with self._lock:
+            sid = self._session_id(session_id)
+            return [self._image_record(r) for r in self.db.query(
+                "SELECT * FROM images WHERE session_id = ? ORDER BY id", (sid,))]
+
+    def get_image(self, image_id: int) -> ImageRecord:
+        with self._lock:
+            rows = list(self.db.query("SELECT * FROM images WHERE id = ?", (image_id,)))
+            if not rows:
+                raise StoreError(f"Unknown image id {image_id!r}.")
+            return self._image_record(rows[0])
+
+    def load_rgb(self, image_id: int) -> np.ndarray:
+        """The image's pixels as an RGB uint8 array of shape (H, W, 3)."""
+        path = Path(self.get_image(image_id).path)
+        if not path.is_file():
+            raise StoreError(f"The file for image {image_id} is missing: {path}.")
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"))
+
+    def get_generation(self, generation_id: int) -> GenerationRecord:
+        with self._lock:
+            rows = list(self.db.query("SELECT * FROM generations WHERE id = ?", (generation_id,)))
+            if not rows:
+                raise StoreError(f"Unknown generation id {generation_id!r}.")
+            return GenerationRecord(**dict(rows[0], params=json.loads(rows[0]["params"])))
+
+    # ------------------------------------------------------------ masks
+    def add_mask(self, image_id: int, mask: np.ndarray, author: str,
+                 class_name: str | None = None, caption: str | None = None) -> int:
+        """Store ``mask`` (bool[H, W], same H, W as the image) as a 1-bit PNG; returns the mask id."""
+        if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ or mask.ndim != 2:
+            got = (f"{mask.dtype} array of shape {mask.shape}" if isinstance(mask, np.ndarray)
+                   else type(mask).__name__)
+            raise ValueError(f"mask must be a bool numpy array of shape (H, W), got {got}.")
+        if author not in MASK_AUTHORS:
+            raise ValueError(f"author {author!r} is not one of {list(MASK_AUTHORS)}.")
+        _check_optional("class_name", class_name, str)
+        _check_optional("caption", caption, str)
+        ys, xs = np.nonzero(mask)
+        bbox = None if xs.size == 0 else [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())]
+        data = _png_bytes(Image.fromarray(mask.astype(np.uint8) * 255).convert("1", dither=Image.Dither.NONE))
+        sha = hashlib.sha256(data).hexdigest()
+        created: list[Path] = []
+        try:
+            with self._tx():
+                image = self.get_image(image_id)
+                if mask.shape != (image.height, image.width):
+                    raise ValueError(f"mask shape {mask.shape} does not match image {image_id} "
+                                     f"shape {(image.height, image.width)}.")
+                version = self._conn.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM masks "
+                                             "WHERE image_id = ?", (image_id,)).fetchone()[0]
+                mask_id = self.db.table("masks").insert({
+                    "image_id": image_id, "sha256": sha, "path": self._put_file(data, sha, created),
+                    "author": author, "class_name": class_name, "caption": caption,
+                    "bbox": None if bbox is None else json.dumps(bbox), "version": version,
+                    "created_at": _now()}).last_pk
+                self._touch(image.session_id)
+        except BaseException:
+            self._remove_created(created)
+            raise
+        return int(mask_id)
+
+    def list_masks(self, image_id: int) -> list[MaskRecord]:
+        """An image's masks, oldest first."""
+        with self._lock:
+            self.get_image(image_id)
+            return [MaskRecord(**dict(r, path=str(self._data_dir / r["path"]),
+                                      bbox=None if r["bbox"] is None else tuple(json.loads(r["bbox"]))))
+                    for r in self.db.query("SELECT * FROM masks WHERE image_id = ? ORDER BY id", (image_id,))]
+
+    def load_mask(self, mask_id: int) -> np.ndarray:
+        """The mask as bool[H, W] (True = artifact region)."""
+        with self._lock:
+            row = self._conn.execute("SELECT path FROM masks WHERE id = ?", (mask_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"Unknown mask id {mask_id!r}.")
+        with Image.open(self._data_dir / row[0]) as im:
+            return np.array(im.convert("L")) >= 128

@@ -1,0 +1,100 @@
+"""Generate tab: prompt and parameters in, images of the current session out (newest first)."""
+from __future__ import annotations
+
+import threading
+
+import gradio as gr
+
+from engines.generate import Cancelled, GenerateParams
+from studio.store import NewImage
+from studio.tabs.common import GPU, Shared, bind, gallery_items, require_session, user_errors
+
+STOP_KEY = "generate-stop"
+
+
+def build(services, shared: Shared) -> None:
+    with gr.Row():
+        with gr.Column(scale=2):
+            prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a portrait photo of a pianist's hands",
+                                elem_id="generate-prompt")
+            negative = gr.Textbox(label="Negative prompt", lines=2)
+            with gr.Accordion("Parameters", open=True):
+                with gr.Row():
+                    seed = gr.Number(label="Seed", value=0, precision=0, minimum=0)
+                    count = gr.Slider(label="Images", minimum=1, maximum=8, step=1, value=1)
+                with gr.Row():
+                    steps = gr.Slider(label="Steps", minimum=1, maximum=150, step=1, value=20)
+                    guidance = gr.Slider(label="Guidance scale", minimum=0.0, maximum=20.0, step=0.5, value=7.5)
+                default_w, default_h = _default_size(services)
+                with gr.Row():
+                    width = gr.Slider(label="Width", minimum=64, maximum=2048, step=8, value=default_w)
+                    height = gr.Slider(label="Height", minimum=64, maximum=2048, step=8, value=default_h)
+            with gr.Row():
+                run = gr.Button("Generate", variant="primary", elem_id="generate-run")
+                stop = gr.Button("Stop", variant="stop", elem_id="generate-stop")
+            status = gr.Markdown(elem_id="generate-status")
+        with gr.Column(scale=3):
+            gallery = gr.Gallery(label="Generated in this session (newest first)", columns=3, height=560,
+                                 elem_id="generate-gallery", interactive=False)
+
+    inputs = [shared.session, prompt, negative, seed, steps, guidance, width, height, count]
+    run.click(bind(generate_images, services, shared), inputs=inputs, outputs=[gallery, status],
+              concurrency_id=GPU, concurrency_limit=1)
+    stop.click(bind(stop_generation, shared), inputs=None, outputs=[status], queue=False)
+    shared.session.change(bind(show_generated, services), inputs=[shared.session], outputs=[gallery])
+
+
+@user_errors
+def generate_images(services, shared: Shared, session_id, prompt: str, negative_prompt: str, seed, steps,
+                    guidance, width, height, count, request: gr.Request = None,
+                    progress=gr.Progress()):
+    """Run the engine, store every image with its parameters, return the session's gallery."""
+    sid = require_session(session_id)
+    services.store.get_session(sid)  # unknown session -> one sentence before any work
+    params = GenerateParams(prompt=prompt or "", negative_prompt=negative_prompt or "", seed=int(seed or 0),
+                            num_inference_steps=int(steps), guidance_scale=float(guidance),
+                            width=int(width), height=int(height), num_images=int(count))
+    params.validate()
+    stop_flag: threading.Event = shared.per_browser.get(request, STOP_KEY, threading.Event)
+    stop_flag.clear()
+    progress(0, desc="Loading model")
+    engine = services.text2image()
+
+    def report(step: int, total: int) -> None:
+        progress((step, total), desc="Denoising", unit="steps")
+
+    try:
+        with services.gpu_lock:
+            result = engine.generate(params, progress=report, should_stop=stop_flag.is_set)
+    except Cancelled:
+        return show_generated(services, sid), "Stopped; nothing was saved."
+    records = services.store.add_images(
+        sid,
+        [NewImage(rgb=img.rgb, source="generated", model_id=result.model_id,
+                  params={**params.to_json(), "seed": img.seed, "index": img.index, "width": result.width,
+                          "height": result.height, "demo": result.is_demo})
+         for img in result.images],
+        generation={**params.to_json(), "model_id": result.model_id, "width": result.width,
+                    "height": result.height, "duration_s": round(result.duration_s, 3)},
+    )
+    note = " (demo model: not a meaningful image)" if result.is_demo else ""
+    status = f"Saved {len(records)} image(s) in {result.duration_s:.1f} s{note}."
+    return show_generated(services, sid), status
+
+
+def stop_generation(shared: Shared, request: gr.Request = None) -> str:
+    """Ask the running generation of this browser to stop after the current step."""
+    shared.per_browser.get(request, STOP_KEY, threading.Event).set()
+    return "Stopping after the current step…"
+
+
+def show_generated(services, session_id) -> list:
+    if session_id in (None, ""):
+        return []
+    records = [r for r in services.store.list_images(int(session_id)) if r.source == "generated"]
+    return gallery_items(list(reversed(records)))
+
+
+def _default_size(services) -> tuple[int, int]:
+    # The demo pipeline makes 256x256; real SD-style pipelines default to 512 (SDXL: 1024).
+    return (256, 256) if services.uses_demo_model else (512, 512)

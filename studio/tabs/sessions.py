@@ -1,0 +1,121 @@
+"""Sessions tab: list, create, rename, switch and delete sessions; browse and upload images."""
+from __future__ import annotations
+
+import gradio as gr
+
+from engines.images import load_image
+from studio.store import NewImage
+from studio.tabs.common import Shared, bind, gallery_items, require_session, session_choices, user_errors
+
+TABLE_HEADERS = ["id", "name", "images", "updated (UTC)"]
+
+
+def build(services, shared: Shared) -> None:
+    with gr.Row():
+        with gr.Column(scale=2):
+            table = gr.Dataframe(headers=TABLE_HEADERS, value=session_rows(services), interactive=False,
+                                 label="Sessions", elem_id="sessions-table")
+            name = gr.Textbox(label="Session name", placeholder="hands-study", elem_id="sessions-name")
+            with gr.Row():
+                create = gr.Button("New session", elem_id="sessions-new")
+                rename = gr.Button("Rename current", elem_id="sessions-rename")
+                delete = gr.Button("Delete current…", variant="stop", elem_id="sessions-delete")
+            with gr.Row(visible=False) as confirm_row:
+                confirm_text = gr.Markdown()
+                confirm = gr.Button("Yes, delete it and its images", variant="stop", elem_id="sessions-confirm-delete")
+                cancel = gr.Button("Cancel")
+            upload = gr.File(label="Upload images into the current session", file_count="multiple",
+                             file_types=["image"], elem_id="sessions-upload")
+            message = gr.Markdown(elem_id="sessions-message")
+        with gr.Column(scale=3):
+            gallery = gr.Gallery(label="Images in this session", columns=4, height=520, elem_id="sessions-gallery",
+                                 interactive=False)
+            provenance = gr.JSON(label="Provenance of the selected image")
+
+    session = shared.session
+    create.click(bind(create_session, services), inputs=[name], outputs=[session, table, message])
+    rename.click(bind(rename_session, services), inputs=[session, name], outputs=[session, table, message])
+    delete.click(ask_delete, inputs=[session, name], outputs=[confirm_row, confirm_text])
+    cancel.click(hide_confirm, outputs=[confirm_row])
+    confirm.click(bind(delete_session, services), inputs=[session], outputs=[session, table, message, confirm_row])
+    upload.upload(bind(upload_images, services), inputs=[session, upload], outputs=[gallery, table, message, upload])
+    session.change(bind(show_session, services), inputs=[session], outputs=[gallery, table, provenance])
+    gallery.select(bind(show_provenance, services), inputs=[session], outputs=[provenance])
+
+
+def session_rows(services) -> list[list]:
+    return [[s.id, s.name, s.image_count, s.updated_at[:19].replace("T", " ")] for s in services.store.list_sessions()]
+
+
+@user_errors
+def create_session(services, name: str):
+    info = services.store.create_session(name)
+    return (gr.Dropdown(choices=session_choices(services), value=info.id), session_rows(services),
+            f"Created session **{info.name}**.")
+
+
+@user_errors
+def rename_session(services, session_id, name: str):
+    info = services.store.rename_session(require_session(session_id), name)
+    return (gr.Dropdown(choices=session_choices(services), value=info.id), session_rows(services),
+            f"Renamed to **{info.name}**.")
+
+
+@user_errors
+def ask_delete(session_id, _name: str):
+    require_session(session_id)
+    return gr.Row(visible=True), "Delete the current session with all its images and masks? This cannot be undone."
+
+
+def hide_confirm():
+    return gr.Row(visible=False)
+
+
+@user_errors
+def delete_session(services, session_id):
+    sid = require_session(session_id)
+    name = services.store.get_session(sid).name
+    services.store.delete_session(sid)
+    choices = session_choices(services)
+    return (gr.Dropdown(choices=choices, value=choices[0][1] if choices else None), session_rows(services),
+            f"Deleted session **{name}**.", gr.Row(visible=False))
+
+
+@user_errors
+def upload_images(services, session_id, files):
+    """Import every uploaded file, all or nothing: one bad file names itself and nothing is stored."""
+    sid = require_session(session_id)
+    services.store.get_session(sid)
+    paths = [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in (files or [])]
+    if not paths:
+        raise ValueError("No files were uploaded.")
+    items = []
+    for path in paths:
+        label = path.rsplit("/", 1)[-1]
+        try:
+            rgb = load_image(path, name=label)
+        except ValueError as exc:
+            raise ValueError(f"{exc} Nothing was imported.") from None
+        items.append(NewImage(rgb=rgb, source="uploaded", original_name=label))
+    records = services.store.add_images(sid, items)
+    return (gallery_items(services.store.list_images(sid)), session_rows(services),
+            f"Imported {len(records)} image(s).", None)
+
+
+def show_session(services, session_id):
+    if session_id in (None, ""):
+        return [], session_rows(services), None
+    return gallery_items(services.store.list_images(int(session_id))), session_rows(services), None
+
+
+def show_provenance(services, session_id, evt: gr.SelectData):
+    if session_id in (None, "") or evt is None or evt.index is None:
+        return None
+    records = services.store.list_images(int(session_id))
+    index = evt.index if isinstance(evt.index, int) else evt.index[0]
+    if not 0 <= index < len(records):
+        return None
+    rec = records[index]
+    return {"id": rec.id, "source": rec.source, "parent_id": rec.parent_id, "model_id": rec.model_id,
+            "generation_id": rec.generation_id, "size": f"{rec.width}x{rec.height}", "sha256": rec.sha256,
+            "original_name": rec.original_name, "created_at": rec.created_at, "params": rec.params}
