@@ -192,7 +192,7 @@ def load_text2image(spec: str | None, *, data_dir: str | os.PathLike, device: st
             "(as written by save_pretrained) or a hub id.")
     try:
         pipe = AutoPipelineForText2Image.from_pretrained(
-            source, torch_dtype=torch_dtype, local_files_only=local_files_only or folder is not None)
+            source, dtype=torch_dtype, local_files_only=local_files_only or folder is not None)
     except (OSError, ValueError, EnvironmentError) as exc:
         if folder is not None:
             raise ModelNotFoundError(f"Model folder '{spec}' could not be loaded as a diffusers pipeline: {_first_line(exc)}") from None

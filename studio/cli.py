@@ -95,7 +95,6 @@ def _session(services, args):
 
 def cmd_generate(args) -> int:
     from engines.generate import Cancelled, GenerateParams
-    from studio.store import NewImage
 
     services = _open_services(args, args.model)
     try:
@@ -114,15 +113,7 @@ def cmd_generate(args) -> int:
             raise ValueError(str(exc)) from None
         finally:
             bar.close()
-        records = services.store.add_images(
-            session.id,
-            [NewImage(rgb=img.rgb, source="generated", model_id=result.model_id,
-                      params={**params.to_json(), "seed": img.seed, "index": img.index,
-                              "width": result.width, "height": result.height, "demo": result.is_demo})
-             for img in result.images],
-            generation={**params.to_json(), "model_id": result.model_id, "width": result.width,
-                        "height": result.height, "duration_s": round(result.duration_s, 3)},
-        )
+        records = services.save_generation(session.id, result)
         for rec in records:
             print(rec.path)
         return 0

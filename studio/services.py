@@ -67,6 +67,19 @@ class Services:
                 self._text2image = TextToImage(loaded)
             return self._text2image
 
+    def save_generation(self, session_id: int, result) -> list:
+        """Store a GenerationResult: one `generations` row and one image row per output, atomically."""
+        params = result.params.to_json()
+        base = {k: v for k, v in params.items() if k != "num_images"}
+        images = [NewImage(rgb=img.rgb, source="generated", model_id=result.model_id,
+                           params={**base, "seed": img.seed, "index": img.index, "width": result.width,
+                                   "height": result.height, "demo": result.is_demo})
+                  for img in result.images]
+        generation = {**base, "count": params["num_images"], "model_id": result.model_id,
+                      "width": result.width, "height": result.height, "duration_s": round(result.duration_s, 3),
+                      "params": {"demo": result.is_demo, "device": self.device}}
+        return self.store.add_images(session_id, images, generation=generation)
+
     def ensure_samples(self) -> None:
         """Create the "Samples" session with the bundled public-domain photos, once per data dir."""
         marker = self.data_dir / ".samples-created"

@@ -6,7 +6,6 @@ import threading
 import gradio as gr
 
 from engines.generate import Cancelled, GenerateParams
-from studio.store import NewImage
 from studio.tabs.common import GPU, Shared, bind, gallery_items, require_session, user_errors
 
 STOP_KEY = "generate-stop"
@@ -68,15 +67,7 @@ def generate_images(services, shared: Shared, session_id, prompt: str, negative_
             result = engine.generate(params, progress=report, should_stop=stop_flag.is_set)
     except Cancelled:
         return show_generated(services, sid), "Stopped; nothing was saved."
-    records = services.store.add_images(
-        sid,
-        [NewImage(rgb=img.rgb, source="generated", model_id=result.model_id,
-                  params={**params.to_json(), "seed": img.seed, "index": img.index, "width": result.width,
-                          "height": result.height, "demo": result.is_demo})
-         for img in result.images],
-        generation={**params.to_json(), "model_id": result.model_id, "width": result.width,
-                    "height": result.height, "duration_s": round(result.duration_s, 3)},
-    )
+    records = services.save_generation(sid, result)
     note = " (demo model: not a meaningful image)" if result.is_demo else ""
     status = f"Saved {len(records)} image(s) in {result.duration_s:.1f} s{note}."
     return show_generated(services, sid), status

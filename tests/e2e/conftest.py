@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -57,8 +56,11 @@ def studio(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
-        pytest.skip("Chromium is not installed (apt-get install chromium); .ci/run installs it.")
+    if not Path(CHROMIUM).exists():
+        message = f"Chromium is not installed at {CHROMIUM} (apt-get install chromium); .ci/run installs it."
+        if os.environ.get("ARTIFACT_STUDIO_REQUIRE_BROWSER"):
+            pytest.fail(message)
+        pytest.skip(message)
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
