@@ -36,6 +36,7 @@ class LoadedModel:
     is_demo: bool
     device: str
     note: str = ""
+    extra: Any = None  # kind-specific description, e.g. a DetectorSpec
 
 
 def pick_device() -> str:
@@ -69,12 +70,12 @@ def ensure_demo_pipeline(data_dir: str | os.PathLike, seed: int = DEMO_SEED) -> 
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    _remove_tree(tmp)
+    remove_tree(tmp)
     pipe = build_demo_pipeline(seed)
     pipe.save_pretrained(tmp, safe_serialization=True)
     (tmp / DEMO_MARKER).write_text(json.dumps({"demo": True, "seed": seed, "note": DEMO_NOTE}, indent=2))
     if target.exists():  # a stale folder without its marker: an earlier build was interrupted
-        _remove_tree(target)
+        remove_tree(target)
     os.replace(tmp, target)
     return target
 
@@ -154,7 +155,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def _remove_tree(path: Path) -> None:
+def remove_tree(path: Path) -> None:
     import shutil
 
     if path.exists():
@@ -184,7 +185,7 @@ def load_text2image(spec: str | None, *, data_dir: str | os.PathLike, device: st
         folder: Path | None = ensure_demo_pipeline(data_dir)
         torch_dtype = torch.float32
     else:
-        folder = _local_folder(spec)
+        folder = local_folder(spec)
     source = str(folder) if folder is not None else spec
     if folder is not None and not (folder / "model_index.json").is_file():
         raise ModelNotFoundError(
@@ -195,7 +196,7 @@ def load_text2image(spec: str | None, *, data_dir: str | os.PathLike, device: st
             source, dtype=torch_dtype, local_files_only=local_files_only or folder is not None)
     except (OSError, ValueError, EnvironmentError) as exc:
         if folder is not None:
-            raise ModelNotFoundError(f"Model folder '{spec}' could not be loaded as a diffusers pipeline: {_first_line(exc)}") from None
+            raise ModelNotFoundError(f"Model folder '{spec}' could not be loaded as a diffusers pipeline: {first_line(exc)}") from None
         raise ModelNotFoundError(
             f"Model '{spec}' was not found: it is not a local folder and is not in the Hugging Face cache "
             "(and the hub is unreachable); download it once or pass a local pipeline folder with --model PATH.") from None
@@ -206,8 +207,15 @@ def load_text2image(spec: str | None, *, data_dir: str | os.PathLike, device: st
                        note=DEMO_NOTE if is_demo or _is_demo_folder(folder) else "")
 
 
+def _load_detector(spec: str | None, **kwargs) -> LoadedModel:
+    from engines.detectors import load_detector
+
+    return load_detector(spec, **kwargs)
+
+
 LOADERS: dict[str, Callable[..., LoadedModel]] = {
     "text2image": load_text2image,
+    "detector": _load_detector,
 }
 """Model kind -> loader(spec, *, data_dir, device, ...). Later engines register detectors and SAM here."""
 
@@ -221,7 +229,7 @@ def load(kind: str, spec: str | None, **kwargs) -> LoadedModel:
     return loader(spec, **kwargs)
 
 
-def _local_folder(spec: str) -> Path | None:
+def local_folder(spec: str) -> Path | None:
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -238,6 +246,6 @@ def _is_demo_folder(folder: Path | None) -> bool:
     return folder is not None and (folder / DEMO_MARKER).is_file()
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:200]

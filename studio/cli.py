@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
+
+import numpy as np
 
 EXIT_USER_ERROR = 1
 
@@ -50,6 +53,37 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--skip-bad", action="store_true", help="report unreadable files and import the rest (default: import nothing if any file is bad)")
     imp.add_argument("paths", nargs="+", metavar="PATH")
 
+    det = sub.add_parser("detect", parents=[common], help="artifact heatmaps, overlays and regions for images")
+    det.add_argument("--detector", default="demo", help="demo, a checkpoint folder, or FAMILY:PATH (see README)")
+    src = det.add_mutually_exclusive_group(required=True)
+    src.add_argument("--session", help="run on every image of a session (heatmaps are stored in it)")
+    src.add_argument("--images", help="run on the image files of a folder (needs --out)")
+    det.add_argument("--out", help="write <name>_heatmap.png, <name>_overlay.png and regions.json here")
+    det.add_argument("--mode", default="resize", choices=["resize", "sliding"], help="large-image strategy (README)")
+    det.add_argument("--threshold", type=float, default=0.5, help="region threshold in [0, 1]")
+    det.add_argument("--colormap", default="jet", choices=["jet", "turbo", "magma"])
+    det.add_argument("--alpha", type=float, default=0.6)
+    det.add_argument("--json", action="store_true", help="print regions per image as JSON")
+    det.add_argument("--device", default=None, choices=["cpu", "cuda", "mps"])
+
+    ev = sub.add_parser("evaluate", parents=[common], help="IoU, mIoU, precision and recall against ground-truth masks")
+    what = ev.add_mutually_exclusive_group(required=True)
+    what.add_argument("--detector", help="run this detector on --images")
+    what.add_argument("--predictions", help="folder of predicted masks or heatmaps (matched to masks by file stem)")
+    ev.add_argument("--images", help="image folder (needed with --detector)")
+    ev.add_argument("--masks", required=True, help="ground-truth masks folder (white = artifact)")
+    ev.add_argument("--threshold", type=float, default=0.5)
+    ev.add_argument("--mode", default="resize", choices=["resize", "sliding"])
+    ev.add_argument("--json", action="store_true", help="machine-readable output with per-image rows")
+    ev.add_argument("--device", default=None, choices=["cpu", "cuda", "mps"])
+
+    rh = sub.add_parser("import-richhf", parents=[common], help="import RichHF-18k artifact maps as human masks")
+    rh.add_argument("--session", required=True)
+    rh.add_argument("--create-session", action="store_true", help="create the session if it does not exist")
+    rh.add_argument("--tfrecord", required=True, help="train/dev/test.tfrecord of RichHF-18k")
+    rh.add_argument("--images", required=True, help="folder with the Pick-a-Pic images, matched by filename")
+    rh.add_argument("--threshold", type=float, default=0.5, help="fraction of 255; 0.5 = at least 2 of 3 annotators")
+
     ses = sub.add_parser("sessions", parents=[common], help="list sessions")
     ses.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
@@ -76,14 +110,17 @@ def main(argv: Sequence[str] | None = None, serve: Callable[[argparse.Namespace]
         return EXIT_USER_ERROR
 
 
-def _open_services(args, model: str | None = None):
+def _open_services(args, model: str | None = None, uses: str | None = None):
+    """Services for one command; `uses` is the model/detector spec deciding the default device
+    (real models go to CUDA/MPS when present, the demo stays on CPU)."""
     from studio.services import Services, resolve_data_dir
 
     device = getattr(args, "device", None)
+    spec = uses if uses is not None else model
     if device is None:
         from engines.models import pick_device
 
-        device = pick_device() if model not in (None, "demo") else "cpu"
+        device = pick_device() if spec not in (None, "", "demo") else "cpu"
     return Services.open(resolve_data_dir(args.data_dir), model_spec=model, device=device)
 
 
@@ -166,7 +203,206 @@ def cmd_sessions(args) -> int:
         services.close()
 
 
+def cmd_detect(args) -> int:
+    from engines.detect import Cancelled, find_regions, render_overlay
+    from engines.images import find_images, load_image
+
+    if args.images and not args.out:
+        raise ValueError("--images needs --out DIR to write heatmaps and overlays to.")
+    if not 0.0 <= args.threshold <= 1.0:
+        raise ValueError(f"--threshold must be between 0 and 1, got {args.threshold}.")
+    services = _open_services(args, uses=args.detector)
+    try:
+        detector = services.detector(args.detector)
+        if detector.loaded.note:
+            print(f"note: {detector.loaded.note}", file=sys.stderr)
+        if args.session:
+            session = services.store.get_session(args.session)
+            records = services.store.list_images(session.id)
+            if not records:
+                raise ValueError(f"Session '{session.name}' has no images.")
+            names = [Path(r.original_name or f"image-{r.id}").stem + f"-{r.id}" for r in records]
+            bar = _StderrProgress("detecting")
+            try:
+                pairs = services.detect_images([r.id for r in records], args.detector, mode=args.mode, progress=bar)
+            except Cancelled as exc:
+                raise ValueError(str(exc)) from None
+            finally:
+                bar.close()
+            images = [services.store.load_rgb(r.id) for r in records]
+            heatmaps = [services.store.load_heatmap(h) for _, h in pairs]
+        else:
+            files = find_images([args.images])
+            if not files:
+                raise ValueError(f"No image files in {args.images}.")
+            images = [load_image(f) for f in files]
+            names = [f.stem for f in files]
+            bar = _StderrProgress("detecting")
+            try:
+                heatmaps = [h.scores for h in detector.predict(images, mode=args.mode, progress=bar)]
+            finally:
+                bar.close()
+        report = []
+        for name, rgb, scores in zip(names, images, heatmaps):
+            regions, _ = find_regions(scores, args.threshold)
+            report.append({"name": name, "width": rgb.shape[1], "height": rgb.shape[0],
+                           "artifact_percent": round(100.0 * float((scores >= args.threshold).mean()), 4),
+                           "max_score": round(float(scores.max()), 6),
+                           "regions": [dict(asdict_region(r)) for r in regions]})
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            from PIL import Image
+
+            for name, rgb, scores in zip(names, images, heatmaps):
+                Image.fromarray(np.round(scores * 255).astype(np.uint8)).save(out / f"{name}_heatmap.png")
+                Image.fromarray(render_overlay(rgb, scores, colormap=args.colormap, alpha=args.alpha)).save(
+                    out / f"{name}_overlay.png")
+            (out / "regions.json").write_text(json.dumps({"detector": detector.detector_id, "demo": detector.loaded.is_demo,
+                                                          "threshold": args.threshold, "images": report}, indent=2))
+        if args.json:
+            print(json.dumps({"detector": detector.detector_id, "demo": detector.loaded.is_demo,
+                              "threshold": args.threshold, "images": report}, indent=2))
+        else:
+            for row in report:
+                print(f"{row['name']}: {row['artifact_percent']:.2f}% artifact, {len(row['regions'])} region(s), "
+                      f"max score {row['max_score']:.3f}")
+        return 0
+    finally:
+        services.close()
+
+
+def asdict_region(region) -> dict:
+    from dataclasses import asdict
+
+    row = asdict(region)
+    row["bbox"] = list(region.bbox)
+    row["area_percent"] = round(region.area_percent, 4)
+    return row
+
+
+def cmd_evaluate(args) -> int:
+    from engines.detect import evaluate_masks, score_image
+    from engines.images import find_images, load_image
+
+    if not 0.0 <= args.threshold <= 1.0:
+        raise ValueError(f"--threshold must be between 0 and 1, got {args.threshold}.")
+    truth = {p.stem: p for p in find_images([args.masks])}
+    if not truth:
+        raise ValueError(f"No mask files in {args.masks}.")
+    if args.detector:
+        if not args.images:
+            raise ValueError("--detector needs --images DIR with the images to run on.")
+        files = [f for f in find_images([args.images]) if f.stem in truth]
+        if not files:
+            raise ValueError(f"No image in {args.images} has a mask with the same file name in {args.masks}.")
+        services = _open_services(args, uses=args.detector)
+        try:
+            detector = services.detector(args.detector)
+            if detector.loaded.note:
+                print(f"note: {detector.loaded.note}", file=sys.stderr)
+            bar = _StderrProgress("detecting")
+            try:
+                preds = {f.stem: h.scores for f, h in zip(files, detector.predict([load_image(f) for f in files],
+                                                                                  mode=args.mode, progress=bar))}
+            finally:
+                bar.close()
+        finally:
+            services.close()
+    else:
+        preds = {p.stem: read_prediction(p) for p in find_images([args.predictions]) if p.stem in truth}
+        if not preds:
+            raise ValueError(f"No prediction in {args.predictions} has a mask with the same file name in {args.masks}.")
+    missing = sorted(set(truth) - set(preds))
+    scores = [score_image(preds[name] >= args.threshold, read_mask(truth[name]), name) for name in sorted(preds)]
+    metrics = evaluate_masks(scores)
+    if args.json:
+        print(json.dumps({**metrics.to_json(), "threshold": args.threshold, "unmatched_masks": missing}, indent=2))
+    else:
+        print(f"images: {len(scores)} (masks without prediction: {len(missing)})  threshold: {args.threshold}")
+        for key in ("artifact_iou", "background_iou", "miou", "mean_image_iou", "precision", "recall", "f1"):
+            print(f"{key:>15}: {getattr(metrics, key):.4f}")
+    return 0
+
+
+def read_mask(path) -> np.ndarray:
+    """A ground-truth mask file -> bool[H, W]: any non-black pixel of its grey version is artifact."""
+    from engines.images import load_image
+
+    return load_image(path).max(axis=2) >= 128
+
+
+def read_prediction(path) -> np.ndarray:
+    """A prediction file -> float32 [H, W] in [0, 1]: 16-bit PNGs / 65535, 8-bit images / 255."""
+    from PIL import Image
+
+    from engines.images import load_image
+
+    with Image.open(path) as im:
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            return (np.asarray(im, dtype=np.float32) / 65535.0).clip(0, 1)
+    return load_image(path).max(axis=2).astype(np.float32) / 255.0
+
+
+def cmd_import_richhf(args) -> int:
+    from engines.images import load_image
+    from engines.richhf import CorruptRecord, binarize_artifact_map, match_images, read_richhf
+    from studio.store import NewImage, NewMask
+
+    if not 0.0 < args.threshold <= 1.0:
+        raise ValueError(f"--threshold must be in (0, 1], got {args.threshold}.")
+    records, corrupt = [], []
+    for rec in read_richhf(args.tfrecord):
+        (corrupt if isinstance(rec, CorruptRecord) else records).append(rec)
+    for bad in corrupt:
+        print(f"artifact-studio: skipped record {bad.index}: {bad.reason}", file=sys.stderr)
+    found, unmatched = match_images([r.filename for r in records], args.images)
+    items = []
+    for rec in records:
+        if rec.filename not in found:
+            continue
+        rgb = load_image(found[rec.filename])
+        h, w = rgb.shape[:2]
+        raw = _resize_map(rec.artifact_map, h, w)
+        items.append(NewImage(
+            rgb=rgb, source="uploaded", original_name=rec.filename,
+            params={"dataset": "RichHF-18k", "record": rec.index, "aesthetics_score": rec.aesthetics_score,
+                    "artifact_score": rec.artifact_score, "misalignment_score": rec.misalignment_score,
+                    "overall_score": rec.overall_score,
+                    "prompt_misalignment_label": list(rec.prompt_misalignment_label)},
+            masks=(NewMask(mask=binarize_artifact_map(raw, args.threshold), author="human", raw=raw,
+                           class_name=None, caption=None,
+                           params={"dataset": "RichHF-18k", "threshold": args.threshold,
+                                   "map_size": list(rec.artifact_map.shape[::-1])}),)))
+    print(f"records: {len(records) + len(corrupt)} read, {len(corrupt)} corrupt, {len(items)} matched, "
+          f"{len(unmatched)} without an image", file=sys.stderr)
+    for name in unmatched[:20]:
+        print(f"artifact-studio: no image for {name}", file=sys.stderr)
+    if not items:
+        raise ValueError(f"No RichHF record matched an image in {args.images}; nothing was imported.")
+    services = _open_services(args)
+    try:
+        session = _session(services, args)
+        for rec in services.store.add_images(session.id, items):
+            print(rec.path)
+        return 0
+    finally:
+        services.close()
+
+
+def _resize_map(raw: np.ndarray, h: int, w: int) -> np.ndarray:
+    """RichHF maps are 512x512 over the whole image; resize (bilinear) to the image's native size."""
+    from PIL import Image
+
+    if raw.shape == (h, w):
+        return raw
+    return np.asarray(Image.fromarray(raw).resize((w, h), Image.BILINEAR))
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "detect": cmd_detect,
+    "evaluate": cmd_evaluate,
+    "import-richhf": cmd_import_richhf,
     "generate": cmd_generate,
     "import": cmd_import,
     "sessions": cmd_sessions,

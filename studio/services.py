@@ -38,6 +38,7 @@ class Services:
     model_spec: str = DEMO
     device: str = "cpu"
     _text2image: object | None = field(default=None, repr=False)
+    _detectors: dict = field(default_factory=dict, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     gpu_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -66,6 +67,36 @@ class Services:
                 loaded = load_text2image(self.model_spec, data_dir=self.data_dir, device=self.device, dtype=dtype)
                 self._text2image = TextToImage(loaded)
             return self._text2image
+
+    def detector(self, spec: str | None = None):
+        """An ArtifactDetector for `spec` ("demo" when empty), loaded once and kept (at most 2)."""
+        from engines.detect import ArtifactDetector
+        from engines.detectors import load_detector
+
+        key = (spec or DEMO).strip()
+        with self._lock:
+            if key not in self._detectors:
+                while len(self._detectors) >= 2:
+                    self._detectors.pop(next(iter(self._detectors)))
+                self._detectors[key] = ArtifactDetector(load_detector(key, data_dir=self.data_dir, device=self.device))
+            return self._detectors[key]
+
+    def detect_images(self, image_ids: list[int], spec: str | None = None, *, mode: str = "resize",
+                      progress=None, should_stop=None) -> list[tuple[int, int]]:
+        """Run a detector on stored images and store one run + a heatmap per image.
+
+        Returns [(image_id, heatmap_id)]. Heatmaps are stored only after all images are done, so a
+        stopped run stores nothing.
+        """
+        detector = self.detector(spec)
+        images = [self.store.load_rgb(i) for i in image_ids]
+        with self.gpu_lock:
+            heatmaps = detector.predict(images, mode=mode, progress=progress, should_stop=should_stop)
+        _, ids = self.store.add_detector_run(
+            detector.detector_id, detector.spec.family, detector.loaded.is_demo,
+            {"mode": mode, "spec": _spec_json(detector.spec)},
+            heatmaps=[(i, h.scores) for i, h in zip(image_ids, heatmaps)])
+        return list(zip(image_ids, ids))
 
     def save_generation(self, session_id: int, result) -> list:
         """Store a GenerationResult: one `generations` row and one image row per output, atomically."""
@@ -99,3 +130,9 @@ class Services:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _spec_json(spec) -> dict:
+    from dataclasses import asdict
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(spec).items()}

@@ -83,6 +83,22 @@ class NewImage:
     model_id: str | None = None
     params: dict = field(default_factory=dict)
     original_name: str | None = None
+    masks: tuple["NewMask", ...] = ()
+
+
+@dataclass(frozen=True)
+class NewMask:
+    """A mask to add with its image or alone: ``mask`` is bool[H, W] (True = artifact).
+
+    ``raw`` is an optional uint8 [H, W] map the mask was binarised from; ``status`` "final" or "draft".
+    """
+    mask: np.ndarray
+    author: str
+    class_name: str | None = None
+    caption: str | None = None
+    status: str = "final"
+    raw: np.ndarray | None = None
+    params: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -118,6 +134,25 @@ class MaskRecord:
     bbox: tuple[int, int, int, int] | None
     version: int
     created_at: str
+    status: str = "final"
+    raw_sha256: str | None = None
+    raw_path: str | None = None
+    params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HeatmapRecord:
+    """A stored heatmap (16-bit grey PNG of score * 65535) and the detector run that made it."""
+    id: int
+    image_id: int
+    run_id: int
+    sha256: str
+    path: str
+    created_at: str
+    detector_id: str
+    family: str
+    is_demo: bool
+    run_params: dict
 
 
 # ---------------------------------------------------------------- migrations
@@ -170,7 +205,31 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
         db.execute(sql)
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial]
+def _m2_detection(db: sqlite_utils.Database) -> None:
+    """Detector runs, stored heatmaps, draft masks and raw (non-binary) label maps."""
+    for sql in [
+        """CREATE TABLE detector_runs (
+            id INTEGER PRIMARY KEY, detector_id TEXT NOT NULL, family TEXT NOT NULL,
+            is_demo INTEGER NOT NULL DEFAULT 0, params TEXT NOT NULL DEFAULT '{}', created_at TEXT NOT NULL)""",
+        """CREATE TABLE heatmaps (
+            id INTEGER PRIMARY KEY,
+            image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+            run_id INTEGER NOT NULL REFERENCES detector_runs(id) ON DELETE CASCADE,
+            sha256 TEXT NOT NULL, path TEXT NOT NULL, created_at TEXT NOT NULL)""",
+        "CREATE INDEX idx_heatmaps_image_id ON heatmaps(image_id)",
+        "CREATE INDEX idx_heatmaps_sha256 ON heatmaps(sha256)",
+        "ALTER TABLE masks ADD COLUMN status TEXT NOT NULL DEFAULT 'final' CHECK (status IN ('draft', 'final'))",
+        "ALTER TABLE masks ADD COLUMN raw_sha256 TEXT",
+        "ALTER TABLE masks ADD COLUMN raw_path TEXT",
+        "ALTER TABLE masks ADD COLUMN params TEXT NOT NULL DEFAULT '{}'",
+    ]:
+        db.execute(sql)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial, _m2_detection]
+_FILE_REFERENCES = ("SELECT 1 FROM images WHERE sha256 = :sha UNION ALL SELECT 1 FROM masks WHERE sha256 = :sha "
+                    "UNION ALL SELECT 1 FROM masks WHERE raw_sha256 = :sha "
+                    "UNION ALL SELECT 1 FROM heatmaps WHERE sha256 = :sha LIMIT 1")
 
 
 # ---------------------------------------------------------------- helpers
@@ -204,6 +263,29 @@ def _png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _encode_mask(new: Any, what: str) -> tuple:
+    """Validate a NewMask and encode it: (new, png bytes, sha256, raw png bytes or None, params JSON)."""
+    mask = new.mask
+    if not isinstance(new, NewMask):
+        raise ValueError(f"{what}: expected a NewMask, got {type(new).__name__}.")
+    if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ or mask.ndim != 2:
+        got = f"{mask.dtype} array of shape {mask.shape}" if isinstance(mask, np.ndarray) else type(mask).__name__
+        raise ValueError(f"{what} must be a bool numpy array of shape (H, W), got {got}.")
+    if new.author not in MASK_AUTHORS:
+        raise ValueError(f"{what}: author {new.author!r} is not one of {list(MASK_AUTHORS)}.")
+    if new.status not in ("final", "draft"):
+        raise ValueError(f"{what}: status {new.status!r} is not 'final' or 'draft'.")
+    _check_optional(f"{what}: class_name", new.class_name, str)
+    _check_optional(f"{what}: caption", new.caption, str)
+    raw = new.raw
+    if raw is not None and (not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.shape != mask.shape):
+        raise ValueError(f"{what}: raw must be a uint8 array with the same shape as the mask.")
+    params_json = _to_json(new.params, f"{what}: params")
+    data = _png_bytes(Image.fromarray(mask.astype(np.uint8) * 255).convert("1", dither=Image.Dither.NONE))
+    raw_data = None if raw is None else _png_bytes(Image.fromarray(raw))
+    return new, data, hashlib.sha256(data).hexdigest(), raw_data, params_json
 
 
 class Store:
@@ -343,8 +425,13 @@ class Store:
         with self._tx():
             sid = self._session_id(session_id)
             shas = {r[0] for r in self._conn.execute(
-                "SELECT sha256 FROM images WHERE session_id = ? UNION SELECT m.sha256 FROM masks m "
-                "JOIN images i ON i.id = m.image_id WHERE i.session_id = ?", (sid, sid))}
+                "SELECT sha256 FROM images WHERE session_id = :sid "
+                "UNION SELECT m.sha256 FROM masks m JOIN images i ON i.id = m.image_id WHERE i.session_id = :sid "
+                "UNION SELECT m.raw_sha256 FROM masks m JOIN images i ON i.id = m.image_id WHERE i.session_id = :sid "
+                "UNION SELECT h.sha256 FROM heatmaps h JOIN images i ON i.id = h.image_id WHERE i.session_id = :sid",
+                {"sid": sid}) if r[0]}
+            self.db.execute("DELETE FROM heatmaps WHERE image_id IN "
+                            "(SELECT id FROM images WHERE session_id = ?)", (sid,))
             self.db.execute("DELETE FROM masks WHERE image_id IN "
                             "(SELECT id FROM images WHERE session_id = ?)", (sid,))
             self.db.execute("DELETE FROM images WHERE session_id = ?", (sid,))
@@ -353,10 +440,7 @@ class Store:
         # A second write transaction holds the DB write lock so no writer adds a reference meanwhile.
         with self._tx():
             for sha in sorted(shas):
-                in_use = self._conn.execute(
-                    "SELECT 1 FROM images WHERE sha256 = ? "
-                    "UNION ALL SELECT 1 FROM masks WHERE sha256 = ? LIMIT 1",
-                    (sha, sha)).fetchone()
+                in_use = self._conn.execute(_FILE_REFERENCES, {"sha": sha}).fetchone()
                 if in_use is None:
                     self._file_path(sha).unlink(missing_ok=True)
 
@@ -434,15 +518,16 @@ class Store:
             _check_optional(f"Image {i}: model_id", item.model_id, str)
             _check_optional(f"Image {i}: original_name", item.original_name, str)
             params = _to_json(item.params, f"Image {i}: params")
+            masks = [_encode_mask(m, f"Image {i}: mask {j}") for j, m in enumerate(item.masks)]
             data = _png_bytes(Image.fromarray(np.ascontiguousarray(item.rgb)))
-            encoded.append((item, params, data, hashlib.sha256(data).hexdigest()))
+            encoded.append((item, params, data, hashlib.sha256(data).hexdigest(), masks))
         created: list[Path] = []
         ids = []
         try:
             with self._tx():
                 sid = self._session_id(session_id)
                 gen_id = None if generation is None else self._insert_generation(sid, generation, len(items))
-                for i, (item, params, data, sha) in enumerate(encoded):
+                for i, (item, params, data, sha, masks) in enumerate(encoded):
                     if item.parent_id is not None and self._conn.execute(
                             "SELECT 1 FROM images WHERE id = ?", (item.parent_id,)).fetchone() is None:
                         raise StoreError(f"Image {i}: parent image id {item.parent_id} does not exist.")
@@ -452,6 +537,11 @@ class Store:
                         "width": w, "height": h, "source": item.source, "parent_id": item.parent_id,
                         "generation_id": gen_id, "model_id": item.model_id, "params": params,
                         "original_name": item.original_name, "created_at": _now()}))
+                    if masks:
+                        record = self._image_record(dict(next(iter(self.db.query(
+                            "SELECT * FROM images WHERE id = ?", (ids[-1],))))))
+                        for enc in masks:
+                            self._insert_mask(record, enc, created)
                 self._touch(sid)
         except BaseException:
             self._remove_created(created)
@@ -493,45 +583,52 @@ class Store:
 
     # ------------------------------------------------------------ masks
     def add_mask(self, image_id: int, mask: np.ndarray, author: str,
-                 class_name: str | None = None, caption: str | None = None) -> int:
-        """Store ``mask`` (bool[H, W], same H, W as the image) as a 1-bit PNG; returns the mask id."""
-        if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ or mask.ndim != 2:
-            got = (f"{mask.dtype} array of shape {mask.shape}" if isinstance(mask, np.ndarray)
-                   else type(mask).__name__)
-            raise ValueError(f"mask must be a bool numpy array of shape (H, W), got {got}.")
-        if author not in MASK_AUTHORS:
-            raise ValueError(f"author {author!r} is not one of {list(MASK_AUTHORS)}.")
-        _check_optional("class_name", class_name, str)
-        _check_optional("caption", caption, str)
-        ys, xs = np.nonzero(mask)
-        bbox = None if xs.size == 0 else [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())]
-        data = _png_bytes(Image.fromarray(mask.astype(np.uint8) * 255).convert("1", dither=Image.Dither.NONE))
-        sha = hashlib.sha256(data).hexdigest()
+                 class_name: str | None = None, caption: str | None = None, *, status: str = "final",
+                 raw: np.ndarray | None = None, params: dict | None = None) -> int:
+        """Store ``mask`` (bool[H, W], same H, W as the image) as a 1-bit PNG; returns the mask id.
+
+        ``status`` is "final" or "draft" (e.g. detector regions sent to Label); ``raw`` is an optional
+        uint8 [H, W] map the mask was binarised from (e.g. a RichHF-18k artifact map), kept beside it.
+        """
+        new = NewMask(mask=mask, author=author, class_name=class_name, caption=caption, status=status,
+                      raw=raw, params=params or {})
+        encoded = _encode_mask(new, "mask")
         created: list[Path] = []
         try:
             with self._tx():
                 image = self.get_image(image_id)
-                if mask.shape != (image.height, image.width):
-                    raise ValueError(f"mask shape {mask.shape} does not match image {image_id} "
-                                     f"shape {(image.height, image.width)}.")
-                version = self._conn.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM masks "
-                                             "WHERE image_id = ?", (image_id,)).fetchone()[0]
-                mask_id = self.db.table("masks").insert({
-                    "image_id": image_id, "sha256": sha, "path": self._put_file(data, sha, created),
-                    "author": author, "class_name": class_name, "caption": caption,
-                    "bbox": None if bbox is None else json.dumps(bbox), "version": version,
-                    "created_at": _now()}).last_pk
+                mask_id = self._insert_mask(image, encoded, created)
                 self._touch(image.session_id)
         except BaseException:
             self._remove_created(created)
             raise
-        return int(mask_id)
+        return mask_id
+
+    def _insert_mask(self, image: ImageRecord, encoded: tuple, created: list[Path]) -> int:
+        new, data, sha, raw_data, params_json = encoded
+        if new.mask.shape != (image.height, image.width):
+            raise ValueError(f"mask shape {new.mask.shape} does not match image {image.id} "
+                             f"shape {(image.height, image.width)}.")
+        ys, xs = np.nonzero(new.mask)
+        bbox = None if xs.size == 0 else [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())]
+        raw_sha = None if raw_data is None else hashlib.sha256(raw_data).hexdigest()
+        version = self._conn.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM masks "
+                                     "WHERE image_id = ?", (image.id,)).fetchone()[0]
+        return int(self.db.table("masks").insert({
+            "image_id": image.id, "sha256": sha, "path": self._put_file(data, sha, created),
+            "author": new.author, "class_name": new.class_name, "caption": new.caption,
+            "bbox": None if bbox is None else json.dumps(bbox), "version": version,
+            "created_at": _now(), "status": new.status, "raw_sha256": raw_sha,
+            "raw_path": None if raw_data is None else self._put_file(raw_data, raw_sha, created),
+            "params": params_json}).last_pk)
 
     def list_masks(self, image_id: int) -> list[MaskRecord]:
         """An image's masks, oldest first."""
         with self._lock:
             self.get_image(image_id)
             return [MaskRecord(**dict(r, path=str(self._data_dir / r["path"]),
+                                      raw_path=None if r["raw_path"] is None else str(self._data_dir / r["raw_path"]),
+                                      params=json.loads(r["params"]),
                                       bbox=None if r["bbox"] is None else tuple(json.loads(r["bbox"]))))
                     for r in self.db.query("SELECT * FROM masks WHERE image_id = ? ORDER BY id", (image_id,))]
 
@@ -543,3 +640,61 @@ class Store:
             raise StoreError(f"Unknown mask id {mask_id!r}.")
         with Image.open(self._data_dir / row[0]) as im:
             return np.array(im.convert("L")) >= 128
+
+    # ------------------------------------------------------------ detector runs and heatmaps
+    def add_detector_run(self, detector_id: str, family: str, is_demo: bool, params: dict | None = None,
+                         heatmaps: list[tuple[int, np.ndarray]] = ()) -> tuple[int, list[int]]:
+        """Record one detector run and its heatmaps [(image_id, float32 [H, W] in [0, 1])] atomically.
+
+        Heatmaps are stored as 16-bit grey PNGs (score * 65535). Returns (run_id, heatmap ids).
+        """
+        params_json = _to_json(params or {}, "params")
+        encoded = []
+        for image_id, scores in heatmaps:
+            if not isinstance(scores, np.ndarray) or scores.ndim != 2 or not np.issubdtype(scores.dtype, np.floating):
+                raise ValueError(f"Heatmap of image {image_id}: scores must be a float array of shape (H, W).")
+            if not np.isfinite(scores).all():
+                raise ValueError(f"Heatmap of image {image_id}: scores contain NaN or infinite values.")
+            data = _png_bytes(Image.fromarray(np.round(np.clip(scores, 0, 1) * 65535).astype(np.uint16)))
+            encoded.append((image_id, scores.shape, data, hashlib.sha256(data).hexdigest()))
+        created: list[Path] = []
+        try:
+            with self._tx():
+                run_id = int(self.db.table("detector_runs").insert({
+                    "detector_id": detector_id, "family": family, "is_demo": int(bool(is_demo)),
+                    "params": params_json, "created_at": _now()}).last_pk)
+                ids = []
+                for image_id, shape, data, sha in encoded:
+                    image = self.get_image(image_id)
+                    if shape != (image.height, image.width):
+                        raise ValueError(f"Heatmap shape {shape} does not match image {image_id} "
+                                         f"shape {(image.height, image.width)}.")
+                    ids.append(int(self.db.table("heatmaps").insert({
+                        "image_id": image_id, "run_id": run_id, "sha256": sha,
+                        "path": self._put_file(data, sha, created), "created_at": _now()}).last_pk))
+        except BaseException:
+            self._remove_created(created)
+            raise
+        return run_id, ids
+
+    def list_heatmaps(self, image_id: int, detector_id: str | None = None) -> list[HeatmapRecord]:
+        """An image's heatmaps, newest first; optionally only those of one detector."""
+        sql = ("SELECT h.*, r.detector_id, r.family, r.is_demo, r.params AS run_params FROM heatmaps h "
+               "JOIN detector_runs r ON r.id = h.run_id WHERE h.image_id = ?")
+        args: tuple = (image_id,)
+        if detector_id is not None:
+            sql += " AND r.detector_id = ?"
+            args += (detector_id,)
+        with self._lock:
+            return [HeatmapRecord(**dict(r, path=str(self._data_dir / r["path"]), is_demo=bool(r["is_demo"]),
+                                         run_params=json.loads(r["run_params"])))
+                    for r in self.db.query(sql + " ORDER BY h.id DESC", args)]
+
+    def load_heatmap(self, heatmap_id: int) -> np.ndarray:
+        """The heatmap as float32 [H, W] in [0, 1]."""
+        with self._lock:
+            row = self._conn.execute("SELECT path FROM heatmaps WHERE id = ?", (heatmap_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"Unknown heatmap id {heatmap_id!r}.")
+        with Image.open(self._data_dir / row[0]) as im:
+            return (np.asarray(im, dtype=np.float32) / 65535.0).astype(np.float32)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from studio.tabs import generate, sessions
+from studio.tabs import generate, inspect, sessions
 from studio.tabs.common import PerBrowser, Shared, bind, session_choices
 
 SESSION_STORAGE_KEY = "artifact-studio-current-session"
@@ -21,6 +21,8 @@ def build_ui(services) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Generate", id="generate"):
                 generate.build(services, shared)
+            with gr.Tab("Inspect", id="inspect"):
+                inspect.build(services, shared)
             with gr.Tab("Sessions", id="sessions"):
                 sessions.build(services, shared)
         session.change(remember_session, inputs=[session], outputs=[browser_session], queue=False)
