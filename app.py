@@ -53,9 +53,10 @@ def serve(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from engines.models import pick_device
-    from studio.services import ASSETS_DIR, Services, resolve_data_dir
+    from studio.services import ASSETS_DIR, Services, quiet_libraries, resolve_data_dir
     from studio.ui import build_ui
 
+    quiet_libraries()
     device = args.device or pick_device()
     services = Services.open(resolve_data_dir(args.data_dir), model_spec=args.model, device=device)
     print(f"Artifact Studio data dir: {services.data_dir}", flush=True)

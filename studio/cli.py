@@ -113,8 +113,9 @@ def main(argv: Sequence[str] | None = None, serve: Callable[[argparse.Namespace]
 def _open_services(args, model: str | None = None, uses: str | None = None):
     """Services for one command; `uses` is the model/detector spec deciding the default device
     (real models go to CUDA/MPS when present, the demo stays on CPU)."""
-    from studio.services import Services, resolve_data_dir
+    from studio.services import Services, quiet_libraries, resolve_data_dir
 
+    quiet_libraries()
     device = getattr(args, "device", None)
     spec = uses if uses is not None else model
     if device is None:
@@ -125,9 +126,28 @@ def _open_services(args, model: str | None = None, uses: str | None = None):
 
 
 def _session(services, args):
-    if getattr(args, "create_session", False):
-        return services.store.ensure_session(args.session)
-    return services.store.get_session(args.session)
+    """The session named by --session. With --create-session a missing one is returned as None and
+    only created by `_store_into` once the command's work has succeeded."""
+    from studio.store import StoreError
+
+    try:
+        return services.store.get_session(args.session)
+    except StoreError:
+        if getattr(args, "create_session", False):
+            return None
+        raise
+
+
+def _store_into(services, args, session, write, *write_args):
+    """Run `write(session_id, *write_args)`; a session created here is removed again if it fails."""
+    if session is not None:
+        return write(session.id, *write_args)
+    session = services.store.create_session(args.session)
+    try:
+        return write(session.id, *write_args)
+    except BaseException:
+        services.store.delete_session(session.id)
+        raise
 
 
 def cmd_generate(args) -> int:
@@ -150,7 +170,7 @@ def cmd_generate(args) -> int:
             raise ValueError(str(exc)) from None
         finally:
             bar.close()
-        records = services.save_generation(session.id, result)
+        records = _store_into(services, args, session, services.save_generation, result)
         for rec in records:
             print(rec.path)
         return 0
@@ -179,7 +199,7 @@ def cmd_import(args) -> int:
                 bad.append(str(exc))
         for message in bad:
             print(f"artifact-studio: skipped {message}", file=sys.stderr)
-        records = services.store.add_images(session.id, items) if items else []
+        records = _store_into(services, args, session, services.store.add_images, items) if items else []
         for rec in records:
             print(rec.path)
         return EXIT_USER_ERROR if bad and not records else 0
@@ -383,7 +403,7 @@ def cmd_import_richhf(args) -> int:
     services = _open_services(args)
     try:
         session = _session(services, args)
-        for rec in services.store.add_images(session.id, items):
+        for rec in _store_into(services, args, session, services.store.add_images, items):
             print(rec.path)
         return 0
     finally:

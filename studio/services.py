@@ -18,6 +18,20 @@ ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 SAMPLES_SESSION = "Samples"
 
 
+def quiet_libraries() -> None:
+    """Process-wide: no hub/diffusers/transformers progress bars or info logs on the console.
+
+    Called by the composition roots (CLI commands, `serve`), never at import time.
+    """
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()
+
+
 def resolve_data_dir(cli_value: str | None) -> Path:
     """--data-dir, else $ARTIFACT_STUDIO_HOME, else $XDG_DATA_HOME/artifact-studio (~/.local/share)."""
     if cli_value:

@@ -47,3 +47,19 @@ def test_generate_reload_upload(studio, page, tmp_path):
     page.get_by_text("Imported 1 image(s)").wait_for()
     wait_for_count(page, "sessions-gallery", 7)
     assert gallery_images(page, "sessions-gallery").count() == 7
+
+
+def test_bad_upload_shows_one_sentence_and_changes_nothing(studio, page, tmp_path):
+    url, data_dir = studio
+    bad = tmp_path / "not-really.png"
+    bad.write_text("this is text, not a PNG")
+    before = sorted(p.name for p in (data_dir / "files").rglob("*.png"))
+    page.goto(url)
+    page.get_by_text("Demo model in use").wait_for()
+    expect(page.locator("#current-session input")).not_to_have_value("")
+    page.get_by_role("tab", name="Sessions").click()
+    page.locator("#sessions-upload input[type=file]").set_input_files(str(bad))
+    toast = page.get_by_text("not-really.png: not a readable image")
+    toast.first.wait_for()
+    assert "Nothing was imported" in page.locator(".toast-body").first.inner_text()
+    assert sorted(p.name for p in (data_dir / "files").rglob("*.png")) == before

@@ -1,0 +1,45 @@
+"""Shared fixtures: the offline demo pipeline, built once per test session, and a loaded engine.
+
+Heavy imports (torch, diffusers) happen inside the fixtures, so tests that do not use them
+(store, architecture, e2e) do not pay for them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCH_THREADS = 2
+
+
+@pytest.fixture(scope="session")
+def demo_data_dir(tmp_path_factory) -> Path:
+    """A data directory that holds the demo pipeline (seed 0), built once via ensure_demo_pipeline."""
+    from engines.models import ensure_demo_pipeline
+
+    data_dir = tmp_path_factory.mktemp("demo-data")
+    ensure_demo_pipeline(data_dir)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def demo_dir(demo_data_dir) -> Path:
+    """The saved demo pipeline folder (with model_index.json and the demo marker)."""
+    from engines.models import DEMO_MARKER, demo_dir as demo_folder
+
+    folder = demo_folder(demo_data_dir)
+    assert (folder / DEMO_MARKER).is_file() and (folder / "model_index.json").is_file()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def text2image(demo_data_dir):
+    """A TextToImage engine over the demo pipeline, loaded once on CPU in float32."""
+    import torch
+
+    from engines.generate import TextToImage
+    from engines.models import load_text2image
+
+    torch.set_num_threads(TORCH_THREADS)
+    return TextToImage(load_text2image("demo", data_dir=demo_data_dir, device="cpu"))
