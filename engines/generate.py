@@ -37,6 +37,7 @@ class GenerateParams:
     width: int | None = None
     height: int | None = None
     num_images: int = 1
+    record_trajectory: bool = False  # also compute the experimental trajectory map (engines.detect)
 
     def validate(self) -> None:
         """Raise ValueError with one sentence if any field is out of range."""
@@ -65,6 +66,7 @@ class GeneratedImage:
     rgb: np.ndarray
     seed: int
     index: int
+    trajectory: np.ndarray | None = None  # float32 [H, W] in [0, 1] when record_trajectory was set
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,11 @@ class TextToImage:
         total = int(params.num_inference_steps)
         seeds = [int(params.seed) + i for i in range(params.num_images)]
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        recorder = _TrajectoryRecorder(self.pipe.scheduler) if params.record_trajectory else None
 
         def on_step_end(pipe, step, timestep, callback_kwargs):
+            if recorder is not None:
+                recorder.add(step, callback_kwargs["latents"])
             if progress is not None:
                 progress(step + 1, total)
             if should_stop is not None and should_stop():
@@ -122,9 +127,12 @@ class TextToImage:
                 num_inference_steps=total, guidance_scale=float(params.guidance_scale),
                 width=width, height=height, num_images_per_prompt=params.num_images,
                 generator=generators, output_type="np", callback_on_step_end=on_step_end,
+                callback_on_step_end_tensor_inputs=["latents"],
             )
         rgbs = to_uint8(out.images)
-        images = tuple(GeneratedImage(rgb=rgb, seed=s, index=i) for i, (rgb, s) in enumerate(zip(rgbs, seeds)))
+        maps = recorder.heatmaps(height, width) if recorder is not None else [None] * len(rgbs)
+        images = tuple(GeneratedImage(rgb=rgb, seed=s, index=i, trajectory=m)
+                       for i, (rgb, s, m) in enumerate(zip(rgbs, seeds, maps)))
         return GenerationResult(images=images, params=params, model_id=self.loaded.model_id,
                                 is_demo=self.loaded.is_demo, width=width, height=height,
                                 duration_s=time.perf_counter() - start)
@@ -134,3 +142,44 @@ def to_uint8(images: np.ndarray) -> list[np.ndarray]:
     """float [0,1] NHWC (diffusers output_type="np") -> list of RGB uint8 HWC, rounded as diffusers does."""
     arr = np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0)
     return [np.ascontiguousarray((img * 255).round().astype(np.uint8)) for img in arr]
+
+
+class _TrajectoryRecorder:
+    """Predicted clean latents x0 per step, recovered from consecutive latents (for the trajectory map).
+
+    With a deterministic DDIM update, x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps and
+    x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps share x0 and eps, so two consecutive latents
+    give x0 exactly. For other schedulers this is an approximation (documented as experimental).
+    """
+
+    KEEP = 8
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.previous = None
+        self.x0: list[np.ndarray] = []
+
+    def _alpha(self, index: int) -> float:
+        timesteps = self.scheduler.timesteps
+        cumprod = self.scheduler.alphas_cumprod
+        if index >= len(timesteps):
+            final = getattr(self.scheduler, "final_alpha_cumprod", cumprod[0])
+            return float(final)
+        return float(cumprod[int(timesteps[index])])
+
+    def add(self, step: int, latents) -> None:
+        current = latents.detach().float().cpu().numpy()
+        if self.previous is not None:
+            a_t, a_prev = self._alpha(step), self._alpha(step + 1)
+            denom = np.sqrt(a_prev) * np.sqrt(1 - a_t) - np.sqrt(a_t) * np.sqrt(1 - a_prev)
+            if abs(denom) > 1e-8:
+                x0 = (np.sqrt(1 - a_t) * current - np.sqrt(1 - a_prev) * self.previous) / denom
+                self.x0 = (self.x0 + [x0])[-self.KEEP:]
+        self.previous = current
+
+    def heatmaps(self, height: int, width: int) -> list[np.ndarray | None]:
+        from engines.detect import trajectory_heatmap
+
+        if len(self.x0) < 2:
+            return [None] * (0 if self.previous is None else self.previous.shape[0])
+        return [trajectory_heatmap([x[i] for x in self.x0], height, width) for i in range(self.x0[0].shape[0])]

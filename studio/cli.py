@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--count", type=int, default=1)
     gen.add_argument("--model", default=None, help="local pipeline folder or hub id (default: the embedded demo)")
+    gen.add_argument("--trajectory", action="store_true", help="also store the experimental trajectory map (Inspect)")
     gen.add_argument("--device", default=None, choices=["cpu", "cuda", "mps"])
 
     imp = sub.add_parser("import", parents=[common], help="import image files or folders into a session")
@@ -158,7 +159,8 @@ def cmd_generate(args) -> int:
         session = _session(services, args)
         params = GenerateParams(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
                                 num_inference_steps=args.steps, guidance_scale=args.guidance,
-                                width=args.width, height=args.height, num_images=args.count)
+                                width=args.width, height=args.height, num_images=args.count,
+                                record_trajectory=args.trajectory)
         params.validate()
         engine = services.text2image()
         if engine.loaded.is_demo:

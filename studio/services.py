@@ -16,6 +16,9 @@ from studio.store import NewImage, Store
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 SAMPLES_SESSION = "Samples"
+TRAJECTORY = "trajectory"
+TRAJECTORY_NOTE = ("Experimental, training-free: how much the predicted clean image changed between late "
+                   "denoising steps (after Menn et al., WACV 2025); not a trained detector.")
 
 
 def quiet_libraries() -> None:
@@ -113,9 +116,10 @@ class Services:
         return list(zip(image_ids, ids))
 
     def save_generation(self, session_id: int, result) -> list:
-        """Store a GenerationResult: one `generations` row and one image row per output, atomically."""
+        """Store a GenerationResult: one `generations` row and one image row per output, atomically;
+        trajectory maps, when recorded, become a detector run named "trajectory"."""
         params = result.params.to_json()
-        base = {k: v for k, v in params.items() if k != "num_images"}
+        base = {k: v for k, v in params.items() if k not in ("num_images", "record_trajectory")}
         images = [NewImage(rgb=img.rgb, source="generated", model_id=result.model_id,
                            params={**base, "seed": img.seed, "index": img.index, "width": result.width,
                                    "height": result.height, "demo": result.is_demo})
@@ -123,7 +127,12 @@ class Services:
         generation = {**base, "count": params["num_images"], "model_id": result.model_id,
                       "width": result.width, "height": result.height, "duration_s": round(result.duration_s, 3),
                       "params": {"demo": result.is_demo, "device": self.device}}
-        return self.store.add_images(session_id, images, generation=generation)
+        records = self.store.add_images(session_id, images, generation=generation)
+        maps = [(rec.id, img.trajectory) for rec, img in zip(records, result.images) if img.trajectory is not None]
+        if maps:
+            self.store.add_detector_run(TRAJECTORY, TRAJECTORY, result.is_demo,
+                                        {"model_id": result.model_id, "note": TRAJECTORY_NOTE}, heatmaps=maps)
+        return records
 
     def ensure_samples(self) -> None:
         """Create the "Samples" session with the bundled public-domain photos, once per data dir."""

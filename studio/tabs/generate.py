@@ -25,6 +25,7 @@ def build(services, shared: Shared) -> None:
                     steps = gr.Slider(label="Steps", minimum=1, maximum=150, step=1, value=20)
                     guidance = gr.Slider(label="Guidance scale", minimum=0.0, maximum=20.0, step=0.5, value=7.5)
                 default_w, default_h = _default_size(services)
+                trajectory = gr.Checkbox(value=False, label="Record trajectory map (experimental, shown in Inspect)")
                 with gr.Row():
                     width = gr.Slider(label="Width", minimum=64, maximum=2048, step=8, value=default_w)
                     height = gr.Slider(label="Height", minimum=64, maximum=2048, step=8, value=default_h)
@@ -36,7 +37,7 @@ def build(services, shared: Shared) -> None:
             gallery = gr.Gallery(label="Generated in this session (newest first)", columns=3, height=560,
                                  elem_id="generate-gallery", interactive=False)
 
-    inputs = [shared.session, prompt, negative, seed, steps, guidance, width, height, count]
+    inputs = [shared.session, prompt, negative, seed, steps, guidance, width, height, count, trajectory]
     run.click(bind(generate_images, services, shared), inputs=inputs, outputs=[gallery, status],
               concurrency_id=GPU, concurrency_limit=1)
     stop.click(bind(stop_generation, shared), inputs=None, outputs=[status], queue=False)
@@ -45,14 +46,15 @@ def build(services, shared: Shared) -> None:
 
 @user_errors
 def generate_images(services, shared: Shared, session_id, prompt: str, negative_prompt: str, seed, steps,
-                    guidance, width, height, count, request: gr.Request = None,
+                    guidance, width, height, count, record_trajectory: bool = False, request: gr.Request = None,
                     progress=gr.Progress()):
     """Run the engine, store every image with its parameters, return the session's gallery."""
     sid = require_session(session_id)
     services.store.get_session(sid)  # unknown session -> one sentence before any work
     params = GenerateParams(prompt=prompt or "", negative_prompt=negative_prompt or "", seed=int(seed or 0),
                             num_inference_steps=int(steps), guidance_scale=float(guidance),
-                            width=int(width), height=int(height), num_images=int(count))
+                            width=int(width), height=int(height), num_images=int(count),
+                            record_trajectory=bool(record_trajectory))
     params.validate()
     stop_flag: threading.Event = shared.per_browser.get(request, STOP_KEY, threading.Event)
     stop_flag.clear()

@@ -1,0 +1,44 @@
+"""End to end in a real browser: the Inspect tab runs the demo detector; the threshold re-renders."""
+from __future__ import annotations
+
+import pytest
+from playwright.sync_api import expect
+
+pytestmark = pytest.mark.e2e
+
+
+def slider_sources(page) -> list[str]:
+    return page.locator("#inspect-slider img").evaluate_all("els => els.map(e => e.src)")
+
+
+def test_detect_then_threshold_changes_overlay(studio, page):
+    url, data_dir = studio
+    page.goto(url)
+    expect(page.locator("#current-session input")).to_have_value("Samples")
+    page.get_by_role("tab", name="Inspect").click()
+    page.wait_for_function("document.querySelectorAll('#inspect-gallery img').length >= 5")
+    page.locator("#inspect-gallery img").nth(1).click()
+    page.get_by_text("No heatmap yet").wait_for()
+    page.locator("#inspect-run").click()
+    page.get_by_text("Stored 1 heatmap(s).").wait_for()
+    expect(page.locator("#inspect-detector-info")).to_contain_text("Demo detector")
+    page.wait_for_function("document.querySelectorAll('#inspect-slider img').length >= 2")
+    before = slider_sources(page)
+    rows_before = page.locator("#inspect-regions tbody tr").count()
+
+    number = page.locator("#inspect-threshold input[type=number]")
+    number.fill("0.9")
+    number.press("Enter")
+    page.wait_for_function("(old) => { const s = [...document.querySelectorAll('#inspect-slider img')].map(e => e.src);"
+                           " return s.length >= 2 && s[1] !== old; }", arg=before[1])
+    after = slider_sources(page)
+    assert after[1] != before[1]  # the overlay changed
+    assert after[0] == before[0] or after[0].split("/")[-1] == before[0].split("/")[-1]  # the original did not
+    assert page.locator("#inspect-regions tbody tr").count() <= rows_before
+
+    # The heatmap is stored: reopening the image shows it without running the detector again.
+    page.reload()
+    page.get_by_role("tab", name="Inspect").click()
+    page.wait_for_function("document.querySelectorAll('#inspect-gallery img').length >= 5")
+    page.locator("#inspect-gallery img").nth(1).click()
+    expect(page.locator("#inspect-heatmap-choice input")).to_have_value(__import__("re").compile("demo"))
