@@ -7,8 +7,8 @@ Large and odd-shaped images (documented choice, `mode`):
 - "resize" (default, what DiffDoctor and RichHF-18k do): the whole image is resized to the detector's
   square input (e.g. 512x512), and the probability map is resized back bilinearly. Batched.
 - "sliding": for images much larger than the training resolution; square windows of the input size
-  at native resolution, stride = size * (1 - overlap), windows padded by reflection at the borders;
-  overlapping probabilities are averaged. Images smaller than a window are upscaled to it first.
+  at native resolution, stride = size * (1 - overlap), the last window of each row/column flush
+  with the border (no padding); overlapping probabilities are averaged. Images smaller than a window are upscaled to it first.
 """
 from __future__ import annotations
 

@@ -191,14 +191,47 @@ def _upernet_family(backbone: str):
 
 def _diffdoctor(source: str):
     from torch import nn
-    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+    from transformers import SegformerForSemanticSegmentation
 
     if not source:
         raise ValueError("The diffdoctor detector needs its file: diffdoctor:/path/to/ad_pytorch_model.bin.")
-    model = SegformerForSemanticSegmentation(diffdoctor_config())
+    state = safe_torch_load(source)
+    config = diffdoctor_config()
+    model = SegformerForSemanticSegmentation(config)
     model.decode_head.classifier = nn.Conv2d(model.config.decoder_hidden_size, 1, kernel_size=1)
-    _load_state(model, safe_torch_load(source), source)
+    if any(k.startswith(("segformer.encoder.block.", "decode_head.linear_c.")) for k in state):
+        # the released file uses transformers-4 key names: let transformers' own renaming map them
+        model = _load_renamed(SegformerForSemanticSegmentation, config, state, source)
+    else:
+        _load_state(model, state, source)
     return model, DetectorSpec(family="diffdoctor", input_size=512, activation="sigmoid", channel=0), ""
+
+
+def _load_renamed(model_cls, config, state: dict, source: str):
+    """Load a state dict saved under older transformers key names via from_pretrained's key renaming;
+    missing, unexpected or mismatched keys are reported by name."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as folder:
+        config.save_pretrained(folder)
+        save_file({k: v.contiguous() for k, v in state.items() if hasattr(v, "contiguous")},
+                  str(Path(folder) / "model.safetensors"))
+        try:
+            model, info = model_cls.from_pretrained(folder, output_loading_info=True, local_files_only=True,
+                                                    ignore_mismatched_sizes=True)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise ValueError(f"'{Path(source).name}' does not fit this detector architecture: {first_line(exc)}") from None
+    parts = []
+    for label, keys in (("missing", info.get("missing_keys", [])), ("unexpected", info.get("unexpected_keys", [])),
+                        ("wrong shape", [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])])):
+        keys = sorted(keys)
+        if keys:
+            parts.append(f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+    if parts:
+        raise ValueError(f"'{Path(source).name}' does not fit this detector architecture: {'; '.join(parts)}.")
+    return model
 
 
 def diffdoctor_config(**overrides):
@@ -222,7 +255,8 @@ def _torchscript(source: str):
     try:
         model = torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError) as exc:
-        raise ValueError(f"'{source}' is not a TorchScript model: {first_line(exc)}") from None
+        reason = first_line(exc).split(". ")[0].rstrip(".")
+        raise ValueError(f"'{source}' is not a TorchScript model ({reason}).") from None
     dspec = DetectorSpec(family="torchscript")
     sidecar = path.with_suffix(".json")
     if sidecar.is_file():
@@ -281,9 +315,9 @@ def safe_torch_load(path: str | os.PathLike) -> dict:
     try:
         with torch.serialization.safe_globals(allowed):
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(f"Refusing to load '{path.name}': it is not a plain weights file and would need to run code "
-                         f"to load ({first_line(exc)}).") from None
+    except pickle.UnpicklingError:
+        raise ValueError(f"Refusing to load '{path.name}': it is a pickle that would need to run code to load, not a plain "
+                         "weights file; give a safetensors file or a plain state dict.") from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise ValueError(f"'{path.name}' is not a readable PyTorch checkpoint: {first_line(exc)}") from None
     if not isinstance(obj, dict):
@@ -337,6 +371,8 @@ def _apply_options(spec: DetectorSpec, options: str) -> DetectorSpec:
                 changes["input_size"] = int(value)
             elif key == "channel":
                 changes["channel"] = int(value)
+                if changes["channel"] < 0:
+                    raise ValueError
             elif key == "activation":
                 if value not in ("sigmoid", "softmax"):
                     raise ValueError
@@ -355,7 +391,7 @@ def _apply_options(spec: DetectorSpec, options: str) -> DetectorSpec:
             else:
                 raise ValueError
         except ValueError:
-            raise ValueError(f"Bad detector option '{item}'; known: size=N, channel=N, activation=sigmoid|softmax, "
+            raise ValueError(f"Bad detector option '{item}'; known: size=N, channel=N (>= 0), activation=sigmoid|softmax, "
                              "norm=imagenet|half|none, trained=0|1.") from None
     new = replace(spec, **changes)
     if not (32 <= new.input_size <= 4096):

@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=7860)
     serve.add_argument("--model", default=None, help="diffusers text-to-image pipeline: local folder or hub id (default: the embedded demo)")
     serve.add_argument("--device", default=None, choices=["cpu", "cuda", "mps"], help="default: CUDA or MPS when present, else CPU")
+    serve.add_argument("--sam", default="superpixel", help="Label tab segmenter: superpixel (offline fallback), "
+                       "sam:/path/sam_vit_b_01ec64.pth, or hf-sam:FOLDER_OR_HUB_ID")
     serve.add_argument("--share", action="store_true", help="create a public Gradio share link (needs --auth)")
     serve.add_argument("--auth", help="USER:PASSWORD required to open the UI")
     serve.add_argument("--auth-file", help="file with one USER:PASSWORD per line")
@@ -258,7 +260,7 @@ def cmd_detect(args) -> int:
             if not files:
                 raise ValueError(f"No image files in {args.images}.")
             images = [load_image(f) for f in files]
-            names = [f.stem for f in files]
+            names = unique_names(files)
             bar = _StderrProgress("detecting")
             try:
                 heatmaps = [h.scores for h in detector.predict(images, mode=args.mode, progress=bar)]
@@ -303,13 +305,32 @@ def asdict_region(region) -> dict:
     return row
 
 
+def unique_names(files) -> list[str]:
+    """Output names from file stems; stems shared by several files get their suffix appended."""
+    from collections import Counter
+
+    counts = Counter(f.stem for f in files)
+    return [f.stem if counts[f.stem] == 1 else f"{f.stem}-{f.suffix.lstrip('.').lower()}" for f in files]
+
+
+def _by_stem(files, what: str) -> dict:
+    """{stem: path}; two files with one stem would be ambiguous, so they are refused."""
+    out: dict = {}
+    for f in files:
+        if f.stem in out:
+            raise ValueError(f"Two {what} files share the name '{f.stem}' ({out[f.stem].name}, {f.name}); "
+                             "rename one so they can be matched.")
+        out[f.stem] = f
+    return out
+
+
 def cmd_evaluate(args) -> int:
     from engines.detect import evaluate_masks, score_image
     from engines.images import find_images, load_image
 
     if not 0.0 <= args.threshold <= 1.0:
         raise ValueError(f"--threshold must be between 0 and 1, got {args.threshold}.")
-    truth = {p.stem: p for p in find_images([args.masks])}
+    truth = _by_stem(find_images([args.masks]), "mask")
     if not truth:
         raise ValueError(f"No mask files in {args.masks}.")
     if args.detector:
@@ -332,19 +353,32 @@ def cmd_evaluate(args) -> int:
         finally:
             services.close()
     else:
-        preds = {p.stem: read_prediction(p) for p in find_images([args.predictions]) if p.stem in truth}
+        preds = {stem: read_prediction(p) for stem, p in _by_stem(find_images([args.predictions]), "prediction").items()
+                 if stem in truth}
         if not preds:
             raise ValueError(f"No prediction in {args.predictions} has a mask with the same file name in {args.masks}.")
     missing = sorted(set(truth) - set(preds))
     scores = [score_image(preds[name] >= args.threshold, read_mask(truth[name]), name) for name in sorted(preds)]
     metrics = evaluate_masks(scores)
     if args.json:
-        print(json.dumps({**metrics.to_json(), "threshold": args.threshold, "unmatched_masks": missing}, indent=2))
+        report = {**metrics.to_json(), "threshold": args.threshold, "unmatched_masks": missing}
+        print(json.dumps(_nan_to_none(report), indent=2, allow_nan=False))
     else:
         print(f"images: {len(scores)} (masks without prediction: {len(missing)})  threshold: {args.threshold}")
         for key in ("artifact_iou", "background_iou", "miou", "mean_image_iou", "precision", "recall", "f1"):
             print(f"{key:>15}: {getattr(metrics, key):.4f}")
     return 0
+
+
+def _nan_to_none(value):
+    """Strict JSON: NaN metrics (a class absent from the whole set) become null."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return value
 
 
 def read_mask(path) -> np.ndarray:

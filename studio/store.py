@@ -155,6 +155,36 @@ class HeatmapRecord:
     run_params: dict
 
 
+@dataclass(frozen=True)
+class LabelRegion:
+    """One labelled region of an image: its current mask version (`mask_id`), class and caption.
+
+    `key` is stable across edits of the same region; `bbox` is (x0, y0, x1, y1) inclusive or None.
+    """
+    key: str
+    mask_id: int
+    class_name: str | None
+    caption: str | None
+    author: str
+    bbox: tuple[int, int, int, int] | None = None
+
+    def to_json(self) -> dict:
+        return {"key": self.key, "mask_id": self.mask_id, "class_name": self.class_name,
+                "caption": self.caption, "author": self.author,
+                "bbox": None if self.bbox is None else list(self.bbox)}
+
+
+@dataclass(frozen=True)
+class LabelState:
+    """The regions of an image at one point of its edit history; `seq` 0 = never edited."""
+    image_id: int
+    seq: int
+    regions: tuple[LabelRegion, ...]
+    can_undo: bool
+    can_redo: bool
+    action: str
+
+
 # ---------------------------------------------------------------- migrations
 def _m1_initial(db: sqlite_utils.Database) -> None:
     statuses = ", ".join(f"'{s}'" for s in JOB_STATUSES)
@@ -226,7 +256,25 @@ def _m2_detection(db: sqlite_utils.Database) -> None:
         db.execute(sql)
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial, _m2_detection]
+def _m3_labels(db: sqlite_utils.Database) -> None:
+    """Label states (the regions of an image after each edit, for persistent undo/redo), the head
+    state per image, and per-session taxonomies."""
+    for sql in [
+        """CREATE TABLE label_states (
+            id INTEGER PRIMARY KEY,
+            image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+            seq INTEGER NOT NULL, regions TEXT NOT NULL, action TEXT NOT NULL, created_at TEXT NOT NULL,
+            UNIQUE (image_id, seq))""",
+        """CREATE TABLE label_heads (
+            image_id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE, seq INTEGER NOT NULL)""",
+        """CREATE TABLE taxonomies (
+            session_id INTEGER PRIMARY KEY REFERENCES sessions(id) ON DELETE CASCADE,
+            classes TEXT NOT NULL, updated_at TEXT NOT NULL)""",
+    ]:
+        db.execute(sql)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial, _m2_detection, _m3_labels]
 _FILE_REFERENCES = ("SELECT 1 FROM images WHERE sha256 = :sha UNION ALL SELECT 1 FROM masks WHERE sha256 = :sha "
                     "UNION ALL SELECT 1 FROM masks WHERE raw_sha256 = :sha "
                     "UNION ALL SELECT 1 FROM heatmaps WHERE sha256 = :sha LIMIT 1")
@@ -267,9 +315,9 @@ def _png_bytes(image: Image.Image) -> bytes:
 
 def _encode_mask(new: Any, what: str) -> tuple:
     """Validate a NewMask and encode it: (new, png bytes, sha256, raw png bytes or None, params JSON)."""
-    mask = new.mask
     if not isinstance(new, NewMask):
         raise ValueError(f"{what}: expected a NewMask, got {type(new).__name__}.")
+    mask = new.mask
     if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ or mask.ndim != 2:
         got = f"{mask.dtype} array of shape {mask.shape}" if isinstance(mask, np.ndarray) else type(mask).__name__
         raise ValueError(f"{what} must be a bool numpy array of shape (H, W), got {got}.")
@@ -430,13 +478,15 @@ class Store:
                 "UNION SELECT m.raw_sha256 FROM masks m JOIN images i ON i.id = m.image_id WHERE i.session_id = :sid "
                 "UNION SELECT h.sha256 FROM heatmaps h JOIN images i ON i.id = h.image_id WHERE i.session_id = :sid",
                 {"sid": sid}) if r[0]}
-            self.db.execute("DELETE FROM heatmaps WHERE image_id IN "
-                            "(SELECT id FROM images WHERE session_id = ?)", (sid,))
+            for table in ("heatmaps", "label_states", "label_heads"):
+                self.db.execute(f"DELETE FROM {table} WHERE image_id IN "
+                                "(SELECT id FROM images WHERE session_id = ?)", (sid,))
             self.db.execute("DELETE FROM masks WHERE image_id IN "
                             "(SELECT id FROM images WHERE session_id = ?)", (sid,))
             self.db.execute("DELETE FROM images WHERE session_id = ?", (sid,))
             self.db.execute("DELETE FROM generations WHERE session_id = ?", (sid,))
             self.db.execute("DELETE FROM sessions WHERE id = ?", (sid,))
+            self.db.execute("DELETE FROM detector_runs WHERE id NOT IN (SELECT run_id FROM heatmaps)")
         # A second write transaction holds the DB write lock so no writer adds a reference meanwhile.
         with self._tx():
             for sha in sorted(shas):
@@ -698,3 +748,165 @@ class Store:
             raise StoreError(f"Unknown heatmap id {heatmap_id!r}.")
         with Image.open(self._data_dir / row[0]) as im:
             return (np.asarray(im, dtype=np.float32) / 65535.0).astype(np.float32)
+
+    # ------------------------------------------------------------ labels (regions, undo/redo)
+    def label_state(self, image_id: int) -> LabelState:
+        """The image's current regions. Before any edit: one region per final mask (drafts excluded)."""
+        with self._lock:
+            self.get_image(image_id)
+            head = self._head(image_id)
+            if head == 0:
+                regions = tuple(LabelRegion(key=f"m{m.id}", mask_id=m.id, class_name=m.class_name,
+                                            caption=m.caption, author=m.author, bbox=m.bbox)
+                                for m in self.list_masks(image_id) if m.status == "final")
+                action = ""
+            else:
+                row = self._conn.execute("SELECT regions, action FROM label_states WHERE image_id = ? AND seq = ?",
+                                         (image_id, head)).fetchone()
+                regions = tuple(_region_from_json(r) for r in json.loads(row[0]))
+                action = row[1]
+            last = self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM label_states WHERE image_id = ?",
+                                      (image_id,)).fetchone()[0]
+            return LabelState(image_id=image_id, seq=head, regions=regions, can_undo=head > 0,
+                              can_redo=last > head, action=action)
+
+    def _head(self, image_id: int) -> int:
+        row = self._conn.execute("SELECT seq FROM label_heads WHERE image_id = ?", (image_id,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def _push_state(self, image_id: int, regions: list[LabelRegion], action: str) -> None:
+        """Inside a transaction: drop the redo tail, append a state, move the head to it."""
+        head = self._head(image_id)
+        self.db.execute("DELETE FROM label_states WHERE image_id = ? AND seq > ?", (image_id, head))
+        self.db.table("label_states").insert({
+            "image_id": image_id, "seq": head + 1, "action": action, "created_at": _now(),
+            "regions": json.dumps([r.to_json() for r in regions], sort_keys=True)})
+        self.db.execute("INSERT INTO label_heads (image_id, seq) VALUES (?, ?) "
+                        "ON CONFLICT(image_id) DO UPDATE SET seq = excluded.seq", (image_id, head + 1))
+
+    def edit_regions(self, image_id: int, *, add: list[NewMask] = (), update: dict[str, dict] | None = None,
+                     remove: list[str] = (), action: str = "edit") -> LabelState:
+        """One undoable label edit, in one transaction.
+
+        `add`: new regions (their masks are stored as new mask rows); `update`: region key ->
+        {"mask": bool[H, W], "class_name": ..., "caption": ..., "author": ...} (any subset; a new mask
+        becomes a new mask version); `remove`: region keys. Unknown keys raise StoreError.
+        """
+        update = dict(update or {})
+        encoded_new = [_encode_mask(m, f"new region {i}") for i, m in enumerate(add)]
+        encoded_upd = {}
+        for key, change in update.items():
+            unknown = set(change) - {"mask", "class_name", "caption", "author"}
+            if unknown:
+                raise ValueError(f"Region {key}: unknown field(s) {sorted(unknown)}.")
+            if "mask" in change:
+                current = change.get("author", "human")
+                encoded_upd[key] = _encode_mask(NewMask(mask=change["mask"], author=current), f"region {key}")
+        created: list[Path] = []
+        try:
+            with self._tx():
+                image = self.get_image(image_id)
+                regions = list(self.label_state(image_id).regions)
+                keys = {r.key for r in regions}
+                missing = sorted((set(update) | set(remove)) - keys)
+                if missing:
+                    raise StoreError(f"Region(s) {missing} do not exist on image {image_id} (reload the page).")
+                regions = [r for r in regions if r.key not in set(remove)]
+                for i, region in enumerate(regions):
+                    if region.key not in update:
+                        continue
+                    change = update[region.key]
+                    mask_id, bbox = region.mask_id, region.bbox
+                    if region.key in encoded_upd:
+                        enc = encoded_upd[region.key]
+                        enc = (NewMask(mask=enc[0].mask, author=change.get("author", region.author),
+                                       class_name=change.get("class_name", region.class_name),
+                                       caption=change.get("caption", region.caption)),) + enc[1:]
+                        mask_id = self._insert_mask(image, enc, created)
+                        bbox = _bbox(enc[0].mask)
+                    regions[i] = LabelRegion(key=region.key, mask_id=mask_id, bbox=bbox,
+                                             class_name=change.get("class_name", region.class_name),
+                                             caption=change.get("caption", region.caption),
+                                             author=change.get("author", region.author))
+                for enc in encoded_new:
+                    mask_id = self._insert_mask(image, enc, created)
+                    regions.append(LabelRegion(key=f"r{mask_id}", mask_id=mask_id, class_name=enc[0].class_name,
+                                               caption=enc[0].caption, author=enc[0].author, bbox=_bbox(enc[0].mask)))
+                self._push_state(image_id, regions, action)
+                self._touch(image.session_id)
+        except BaseException:
+            self._remove_created(created)
+            raise
+        return self.label_state(image_id)
+
+    def mark_reviewed(self, image_id: int) -> LabelState:
+        """Record the current regions (possibly none: "no artifacts") as a labelled state."""
+        with self._tx():
+            image = self.get_image(image_id)
+            self._push_state(image_id, list(self.label_state(image_id).regions), "reviewed")
+            self._touch(image.session_id)
+        return self.label_state(image_id)
+
+    def undo(self, image_id: int) -> LabelState:
+        """Move the image's head one edit back (no-op at the start); survives restarts."""
+        return self._move_head(image_id, -1)
+
+    def redo(self, image_id: int) -> LabelState:
+        return self._move_head(image_id, +1)
+
+    def _move_head(self, image_id: int, step: int) -> LabelState:
+        with self._tx():
+            self.get_image(image_id)
+            head = self._head(image_id)
+            last = self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM label_states WHERE image_id = ?",
+                                      (image_id,)).fetchone()[0]
+            new = min(max(head + step, 0), last)
+            self.db.execute("INSERT INTO label_heads (image_id, seq) VALUES (?, ?) "
+                            "ON CONFLICT(image_id) DO UPDATE SET seq = excluded.seq", (image_id, new))
+        return self.label_state(image_id)
+
+    def label_progress(self, session_id: int | str) -> tuple[int, int]:
+        """(labelled, total) images of a session; labelled = edited/reviewed in Label or has a final mask."""
+        with self._lock:
+            sid = self._session_id(session_id)
+            total = self._conn.execute("SELECT COUNT(*) FROM images WHERE session_id = ?", (sid,)).fetchone()[0]
+            done = self._conn.execute(
+                "SELECT COUNT(*) FROM images i WHERE i.session_id = ? AND (EXISTS (SELECT 1 FROM label_heads h "
+                "WHERE h.image_id = i.id AND h.seq > 0) OR EXISTS (SELECT 1 FROM masks m WHERE m.image_id = i.id "
+                "AND m.status = 'final'))", (sid,)).fetchone()[0]
+            return int(done), int(total)
+
+    def is_labelled(self, image_id: int) -> bool:
+        with self._lock:
+            return self._head(image_id) > 0 or self._conn.execute(
+                "SELECT 1 FROM masks WHERE image_id = ? AND status = 'final' LIMIT 1", (image_id,)).fetchone() is not None
+
+    def session_taxonomy(self, session_id: int | str, default: list[dict]) -> list[dict]:
+        """The session's classes [{"name", "definition"}], or `default` if it has none of its own."""
+        with self._lock:
+            sid = self._session_id(session_id)
+            row = self._conn.execute("SELECT classes FROM taxonomies WHERE session_id = ?", (sid,)).fetchone()
+            return json.loads(row[0]) if row else list(default)
+
+    def set_session_taxonomy(self, session_id: int | str, classes: list[dict]) -> None:
+        """Replace the session's classes; each needs a unique non-empty "name" (and a "definition")."""
+        names = [str(c.get("name", "")).strip() if isinstance(c, dict) else "" for c in classes]
+        if not classes or any(not n for n in names) or len(set(names)) != len(names):
+            raise ValueError("A taxonomy needs at least one class, each with a unique, non-empty name.")
+        clean = [{"name": n, "definition": str(c.get("definition", "")).strip()} for n, c in zip(names, classes)]
+        with self._tx():
+            sid = self._session_id(session_id)
+            self.db.execute("INSERT INTO taxonomies (session_id, classes, updated_at) VALUES (?, ?, ?) "
+                            "ON CONFLICT(session_id) DO UPDATE SET classes = excluded.classes, "
+                            "updated_at = excluded.updated_at", (sid, json.dumps(clean), _now()))
+
+
+def _bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    ys, xs = np.nonzero(mask)
+    return None if xs.size == 0 else (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
+
+
+def _region_from_json(row: dict) -> LabelRegion:
+    return LabelRegion(key=row["key"], mask_id=int(row["mask_id"]), class_name=row.get("class_name"),
+                       caption=row.get("caption"), author=row["author"],
+                       bbox=None if row.get("bbox") is None else tuple(row["bbox"]))

@@ -43,3 +43,13 @@ def text2image(demo_data_dir):
 
     torch.set_num_threads(TORCH_THREADS)
     return TextToImage(load_text2image("demo", data_dir=demo_data_dir, device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def trajectory_generation(text2image):
+    """(plain, traced): one 2-image, 4-step, 64x64 demo request run without and with record_trajectory."""
+    from engines.generate import GenerateParams
+
+    base = dict(prompt="a cat", seed=5, num_inference_steps=4, width=64, height=64, num_images=2)
+    return (text2image.generate(GenerateParams(**base)),
+            text2image.generate(GenerateParams(**base, record_trajectory=True)))
