@@ -54,11 +54,12 @@ def serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from engines.models import pick_device
     from studio.services import ASSETS_DIR, Services, quiet_libraries, resolve_data_dir
-    from studio.ui import build_ui
+    from studio.ui import HEAD, build_ui
 
     quiet_libraries()
     device = args.device or pick_device()
-    services = Services.open(resolve_data_dir(args.data_dir), model_spec=args.model, device=device)
+    services = Services.open(resolve_data_dir(args.data_dir), model_spec=args.model, device=device,
+                             segmenter_spec=args.sam)
     print(f"Artifact Studio data dir: {services.data_dir}", flush=True)
     print(f"Model: {services.model_spec} on {device}" + (" (demo: tiny random weights, not meaningful images)"
                                                          if services.uses_demo_model else ""), flush=True)
@@ -68,7 +69,7 @@ def serve(args: argparse.Namespace) -> int:
     demo.launch(
         server_name=args.host, server_port=args.port, share=args.share, auth=creds or None,
         allowed_paths=[str(services.data_dir), str(ASSETS_DIR)], ssr_mode=False, show_error=True,
-        footer_links=["settings"], theme=None, css=None,
+        footer_links=["settings"], head=HEAD,
     )
     return 0
 

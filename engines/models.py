@@ -213,9 +213,16 @@ def _load_detector(spec: str | None, **kwargs) -> LoadedModel:
     return load_detector(spec, **kwargs)
 
 
+def _load_segmenter(spec: str | None, **kwargs) -> LoadedModel:
+    from engines.segment import load_segmenter_model
+
+    return load_segmenter_model(spec, **kwargs)
+
+
 LOADERS: dict[str, Callable[..., LoadedModel]] = {
     "text2image": load_text2image,
     "detector": _load_detector,
+    "segmenter": _load_segmenter,
 }
 """Model kind -> loader(spec, *, data_dir, device, ...). Later engines register detectors and SAM here."""
 

@@ -87,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     rh.add_argument("--images", required=True, help="folder with the Pick-a-Pic images, matched by filename")
     rh.add_argument("--threshold", type=float, default=0.5, help="fraction of 255; 0.5 = at least 2 of 3 annotators")
 
+    exp = sub.add_parser("export", parents=[common], help="export a session's labels (png, coco, hf, synartifact, mmseg)")
+    exp.add_argument("--session", required=True)
+    exp.add_argument("--format", required=True, choices=["png", "coco", "hf", "synartifact", "mmseg"])
+    exp.add_argument("--out", required=True, help="output folder (must be empty or new)")
+    exp.add_argument("--val-fraction", type=float, default=0.2, help="mmseg: share of images in the val split")
+    exp.add_argument("--seed", type=int, default=0, help="mmseg: split seed")
+    exp.add_argument("--overwrite", action="store_true", help="replace this format's files in a non-empty --out")
+
+    imm = sub.add_parser("import-masks", parents=[common], help="import masks (png folder or COCO json) by file name")
+    imm.add_argument("--session", required=True)
+    imm.add_argument("--format", required=True, choices=["png", "coco"])
+    imm.add_argument("path", metavar="PATH", help="png: a folder of binary masks; coco: annotations.json or its folder")
+
     ses = sub.add_parser("sessions", parents=[common], help="list sessions")
     ses.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
@@ -455,7 +468,41 @@ def _resize_map(raw: np.ndarray, h: int, w: int) -> np.ndarray:
     return np.asarray(Image.fromarray(raw).resize((w, h), Image.BILINEAR))
 
 
+def cmd_export(args) -> int:
+    from studio.export import export_session
+
+    services = _open_services(args)
+    try:
+        session = services.store.get_session(args.session)
+        summary = export_session(services.store, session.id, args.format, args.out, services.taxonomy(session.id),
+                                 val_fraction=args.val_fraction, seed=args.seed, overwrite=args.overwrite)
+        print(f"exported {summary.images} image(s) and {summary.regions} region(s) as {summary.fmt} to {summary.out_dir}")
+        return 0
+    finally:
+        services.close()
+
+
+def cmd_import_masks(args) -> int:
+    from studio.export import import_masks
+
+    services = _open_services(args)
+    try:
+        session = services.store.get_session(args.session)
+        summary = import_masks(services.store, session.id, args.format, args.path)
+        for name in summary.unmatched:
+            print(f"artifact-studio: no image in the session matches {name}", file=sys.stderr)
+        for name, mask_size, image_size in summary.size_mismatches:
+            print(f"artifact-studio: skipped {name}: mask is {mask_size[1]}x{mask_size[0]}, image is "
+                  f"{image_size[1]}x{image_size[0]} (not stretched)", file=sys.stderr)
+        print(f"imported {summary.regions} region(s) onto {summary.matched} image(s)")
+        return 0 if summary.matched else EXIT_USER_ERROR
+    finally:
+        services.close()
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "export": cmd_export,
+    "import-masks": cmd_import_masks,
     "detect": cmd_detect,
     "evaluate": cmd_evaluate,
     "import-richhf": cmd_import_richhf,

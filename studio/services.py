@@ -54,15 +54,18 @@ class Services:
     store: Store
     model_spec: str = DEMO
     device: str = "cpu"
+    segmenter_spec: str = "superpixel"
     _text2image: object | None = field(default=None, repr=False)
     _detectors: dict = field(default_factory=dict, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     gpu_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def open(cls, data_dir: Path, model_spec: str | None = None, device: str = "cpu") -> "Services":
+    def open(cls, data_dir: Path, model_spec: str | None = None, device: str = "cpu",
+             segmenter_spec: str | None = None) -> "Services":
         data_dir.mkdir(parents=True, exist_ok=True)
-        return cls(data_dir=data_dir, store=Store(data_dir), model_spec=model_spec or DEMO, device=device)
+        return cls(data_dir=data_dir, store=Store(data_dir), model_spec=model_spec or DEMO, device=device,
+                   segmenter_spec=segmenter_spec or "superpixel")
 
     @property
     def uses_demo_model(self) -> bool:
@@ -84,6 +87,16 @@ class Services:
                 loaded = load_text2image(self.model_spec, data_dir=self.data_dir, device=self.device, dtype=dtype)
                 self._text2image = TextToImage(loaded)
             return self._text2image
+
+    def new_masker(self):
+        """A SAM-shaped masker for one browser (its own current image; embeddings cached on disk)."""
+        from engines.segment import load_segmenter
+
+        return load_segmenter(self.segmenter_spec, cache_dir=self.data_dir / "cache" / "segment", device=self.device)
+
+    def taxonomy(self, session_id: int) -> list[dict]:
+        """The session's artifact classes [{"name", "definition"}] (assets/taxonomy.json unless edited)."""
+        return self.store.session_taxonomy(session_id, default_taxonomy())
 
     def detector(self, spec: str | None = None):
         """An ArtifactDetector for `spec` ("demo" when empty), loaded once and kept (at most 2)."""
@@ -159,3 +172,8 @@ def _spec_json(spec) -> dict:
     from dataclasses import asdict
 
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(spec).items()}
+
+
+def default_taxonomy() -> list[dict]:
+    """The 13 default artifact classes shipped in assets/taxonomy.json."""
+    return json.loads((ASSETS_DIR / "taxonomy.json").read_text())["classes"]

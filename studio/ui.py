@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import gradio as gr
 
-from studio.tabs import generate, inspect, sessions
+from studio.tabs import generate, inspect, label, sessions
 from studio.tabs.common import PerBrowser, Shared, bind, session_choices
 
 SESSION_STORAGE_KEY = "artifact-studio-current-session"
+HEAD = label.KEYBOARD_JS
+"""HTML for launch(head=...): the Label tab's keyboard shortcuts."""
 
 
 def build_ui(services) -> gr.Blocks:
@@ -19,12 +21,14 @@ def build_ui(services) -> gr.Blocks:
         browser_session = gr.BrowserState(None, storage_key=SESSION_STORAGE_KEY)
         shared = Shared(session=session, browser_session=browser_session, per_browser=per_browser)
         with gr.Tabs():
-            with gr.Tab("Generate", id="generate"):
-                generate.build(services, shared)
-            with gr.Tab("Inspect", id="inspect"):
-                inspect.build(services, shared)
-            with gr.Tab("Sessions", id="sessions"):
-                sessions.build(services, shared)
+            with gr.Tab("Generate", id="generate") as tab:
+                generate.build(services, shared, tab)
+            with gr.Tab("Inspect", id="inspect") as tab:
+                inspect.build(services, shared, tab)
+            with gr.Tab("Label", id="label") as tab:
+                label.build(services, shared, tab)
+            with gr.Tab("Sessions", id="sessions") as tab:
+                sessions.build(services, shared, tab)
         session.change(remember_session, inputs=[session], outputs=[browser_session], queue=False)
         demo.load(bind(restore_session, services), inputs=[browser_session], outputs=[session])
         demo.unload(per_browser.free)

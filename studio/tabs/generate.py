@@ -11,7 +11,8 @@ from studio.tabs.common import GPU, Shared, bind, gallery_items, require_session
 STOP_KEY = "generate-stop"
 
 
-def build(services, shared: Shared) -> None:
+def build(services, shared: Shared, tab: gr.Tab) -> None:
+    """Create the tab's components; `tab.select` refreshes it (other tabs may have changed the session)."""
     with gr.Row():
         with gr.Column(scale=2):
             prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a portrait photo of a pianist's hands",
@@ -42,6 +43,7 @@ def build(services, shared: Shared) -> None:
               concurrency_id=GPU, concurrency_limit=1)
     stop.click(bind(stop_generation, shared), inputs=None, outputs=[status], queue=False)
     shared.session.change(bind(show_generated, services), inputs=[shared.session], outputs=[gallery])
+    tab.select(bind(show_generated, services), inputs=[shared.session], outputs=[gallery])
 
 
 @user_errors

@@ -30,7 +30,8 @@ class View:
     scores: np.ndarray | None = None
 
 
-def build(services, shared: Shared) -> None:
+def build(services, shared: Shared, tab: gr.Tab) -> None:
+    """Create the tab's components; `tab.select` refreshes it (other tabs may have changed the session)."""
     with gr.Row():
         with gr.Column(scale=2):
             gallery = gr.Gallery(label="Session images (click one)", columns=4, height=300, elem_id="inspect-gallery",
@@ -67,6 +68,7 @@ def build(services, shared: Shared) -> None:
     look = [alpha, threshold, colormap, only_above, contours]
     shown = [slider, regions, chosen]
     shared.session.change(bind(show_images, services), inputs=[shared.session], outputs=[gallery])
+    tab.select(bind(show_images, services), inputs=[shared.session], outputs=[gallery])
     gallery.select(bind(open_image, services, shared), inputs=[shared.session, *look],
                    outputs=[heatmap_choice, *shown, status])
     upload.upload(bind(upload_images, services), inputs=[shared.session, upload], outputs=[gallery, status, upload])

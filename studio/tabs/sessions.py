@@ -10,7 +10,8 @@ from studio.tabs.common import Shared, bind, gallery_items, require_session, ses
 TABLE_HEADERS = ["id", "name", "images", "updated (UTC)"]
 
 
-def build(services, shared: Shared) -> None:
+def build(services, shared: Shared, tab: gr.Tab) -> None:
+    """Create the tab's components; `tab.select` refreshes it (other tabs may have changed the session)."""
     with gr.Row():
         with gr.Column(scale=2):
             table = gr.Dataframe(headers=TABLE_HEADERS, value=session_rows(services), interactive=False,
@@ -26,6 +27,13 @@ def build(services, shared: Shared) -> None:
                 cancel = gr.Button("Cancel")
             upload = gr.File(label="Upload images into the current session", file_count="multiple",
                              file_types=["image"], elem_id="sessions-upload")
+            with gr.Accordion("Export labels", open=False):
+                with gr.Row():
+                    export_format = gr.Dropdown(["png", "coco", "hf", "synartifact", "mmseg"], value="coco",
+                                                label="Format")
+                    export_dir = gr.Textbox(label="Folder (new or empty; relative = inside the data dir)",
+                                            placeholder="exports/hands-coco", elem_id="sessions-export-dir")
+                export = gr.Button("Export current session", elem_id="sessions-export")
             message = gr.Markdown(elem_id="sessions-message")
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="Images in this session", columns=4, height=520, elem_id="sessions-gallery",
@@ -40,7 +48,9 @@ def build(services, shared: Shared) -> None:
     confirm.click(bind(delete_session, services), inputs=[session], outputs=[session, table, message, confirm_row])
     upload.upload(bind(upload_images, services), inputs=[session, upload], outputs=[gallery, table, message, upload])
     session.change(bind(show_session, services), inputs=[session], outputs=[gallery, table, provenance])
+    tab.select(bind(show_session, services), inputs=[session], outputs=[gallery, table, provenance])
     gallery.select(bind(show_provenance, services), inputs=[session], outputs=[provenance])
+    export.click(bind(export_labels, services), inputs=[session, export_format, export_dir], outputs=[message])
 
 
 def session_rows(services) -> list[list]:
@@ -119,3 +129,22 @@ def show_provenance(services, session_id, evt: gr.SelectData):
     return {"id": rec.id, "source": rec.source, "parent_id": rec.parent_id, "model_id": rec.model_id,
             "generation_id": rec.generation_id, "size": f"{rec.width}x{rec.height}", "sha256": rec.sha256,
             "original_name": rec.original_name, "created_at": rec.created_at, "params": rec.params}
+
+
+@user_errors
+def export_labels(services, session_id, fmt: str, folder: str) -> str:
+    """Export the current session's labels; a relative folder is placed inside the data directory."""
+    from pathlib import Path
+
+    from studio.export import export_session
+
+    sid = require_session(session_id)
+    if not (folder or "").strip():
+        raise ValueError("Give an export folder.")
+    out = Path(folder.strip()).expanduser()
+    if not out.is_absolute():
+        out = (services.data_dir / out).resolve()
+        if services.data_dir.resolve() not in out.parents:
+            raise ValueError("A relative export folder must stay inside the data directory.")
+    summary = export_session(services.store, sid, fmt, out, services.taxonomy(sid))
+    return f"Exported {summary.images} image(s) and {summary.regions} region(s) as **{fmt}** to `{summary.out_dir}`."

@@ -1,0 +1,531 @@
+"""Label tab: paint and fix artifact masks with SAM help, a class and caption per region.
+
+Every edit is one undoable state in the store (undo/redo survive reloads and restarts). Masks are
+bool[H, W] at the image's native resolution; clicks arrive in native pixel coordinates.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import gradio as gr
+import numpy as np
+
+from engines.detect import mask_edges, score_image
+from studio.store import NewMask
+from studio.tabs.common import GPU, Shared, bind, require_session, user_errors
+
+VIEW_KEY = "label-view"
+ORDERS = ["unlabelled first", "detector uncertainty", "session order"]
+CLICK_MODES = ["positive", "negative", "box"]
+PALETTE = np.array([(255, 64, 64), (64, 160, 255), (255, 200, 0), (180, 80, 255), (0, 200, 120),
+                    (255, 120, 200), (120, 220, 255), (255, 150, 60)], np.uint8)
+KEYBOARD_JS = """
+<script>
+document.addEventListener('keydown', (e) => {
+  const t = e.target; if (t && (t.tagName === 'INPUT' || t.tagName === 'TEXTAREA' || t.isContentEditable)) return;
+  if (e.ctrlKey || e.metaKey || e.altKey) return;
+  const ids = {n: 'label-next', ArrowRight: 'label-next', p: 'label-prev', ArrowLeft: 'label-prev',
+               u: 'label-undo', y: 'label-redo'};
+  const id = ids[e.key]; if (!id) return;
+  const b = document.getElementById(id); if (b && b.offsetParent !== null) { b.click(); e.preventDefault(); }
+});
+</script>
+"""
+"""Keyboard shortcuts of the Label tab (n/→ next, p/← previous, u undo, y redo), injected via launch(head=)."""
+
+
+@dataclass
+class LabelView:
+    """One browser's labelling state: the open image, SAM prompts and the chosen region."""
+
+    image_id: int | None = None
+    rgb: np.ndarray | None = None
+    points: list = field(default_factory=list)
+    labels: list = field(default_factory=list)
+    box_corner: tuple | None = None
+    box: tuple | None = None
+    proposals: list = field(default_factory=list)
+    chosen: int = 0
+    selected: str | None = None
+    masker: object | None = None
+
+
+def build(services, shared: Shared, tab: gr.Tab) -> None:
+    """Create the tab's components; `tab.select` refreshes it (other tabs may have changed the session)."""
+    with gr.Row():
+        order = gr.Radio(ORDERS, value="unlabelled first", label="Queue order", scale=3)
+        prev = gr.Button("◀ Previous (p)", elem_id="label-prev", scale=1)
+        nxt = gr.Button("Next (n) ▶", elem_id="label-next", scale=1)
+        progress_md = gr.Markdown(elem_id="label-progress")
+    with gr.Row():
+        with gr.Column(scale=3):
+            canvas = gr.Image(label="Click to prompt SAM (regions coloured, proposal in cyan)", type="numpy",
+                              interactive=False, elem_id="label-canvas", height=560)
+            with gr.Row():
+                click_mode = gr.Radio(CLICK_MODES, value="positive", label="Click adds", scale=2)
+                proposals = gr.Radio([], label="Proposals (best first)", elem_id="label-proposals", scale=2)
+                clear = gr.Button("Clear clicks", scale=1)
+            with gr.Row():
+                as_new = gr.Button("New region from proposal", variant="primary", elem_id="label-new-region")
+                add_to = gr.Button("Add to selected region")
+                subtract = gr.Button("Subtract from selected region")
+            segmenter_md = gr.Markdown(elem_id="label-segmenter")
+            with gr.Accordion("Brush and eraser (native resolution)", open=False):
+                editor = gr.ImageEditor(label="Paint strokes, then apply", type="numpy", layers=False,
+                                        transforms=(), elem_id="label-editor", height=560,
+                                        brush=gr.Brush(colors=["#ff3030"], color_mode="fixed", default_size=12),
+                                        eraser=gr.Eraser(default_size=12))
+                with gr.Row():
+                    stroke_mode = gr.Radio(["add to selected region (or new)", "erase from selected region"],
+                                           value="add to selected region (or new)", label="Strokes")
+                    apply = gr.Button("Apply strokes", elem_id="label-apply-strokes")
+        with gr.Column(scale=2):
+            regions = gr.Radio([], label="Regions of this image", elem_id="label-regions")
+            class_name = gr.Dropdown([], label="Class", allow_custom_value=False, elem_id="label-class")
+            definition = gr.Markdown(elem_id="label-definition")
+            caption = gr.Textbox(label="Caption", lines=2, placeholder="the left hand has six fingers",
+                                 elem_id="label-caption")
+            save_meta = gr.Button("Save class and caption", variant="primary", elem_id="label-save")
+            with gr.Row():
+                undo = gr.Button("Undo (u)", elem_id="label-undo")
+                redo = gr.Button("Redo (y)", elem_id="label-redo")
+                delete = gr.Button("Delete region", variant="stop")
+            reviewed = gr.Button("Done: no more artifacts here", elem_id="label-reviewed")
+            status = gr.Markdown(elem_id="label-status")
+            with gr.Accordion("Start from the detector", open=False):
+                drafts_md = gr.Markdown()
+                accept = gr.Button("Accept draft regions sent from Inspect")
+                heat_threshold = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="Heatmap threshold")
+                from_heatmap = gr.Button("Add thresholded heatmap as a region")
+            with gr.Accordion("Agreement: human vs detector", open=False):
+                agree_threshold = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="Detector threshold")
+                agree = gr.Button("Show agreement", elem_id="label-agree")
+                agree_img = gr.Image(label="green = both, red = detector only, blue = human only", type="numpy",
+                                     interactive=False, elem_id="label-agreement")
+                agree_md = gr.Markdown(elem_id="label-agreement-iou")
+            with gr.Accordion("Taxonomy of this session", open=False):
+                taxonomy = gr.Code(language="json", label="Classes (name + definition)", lines=12)
+                save_taxonomy = gr.Button("Save taxonomy")
+
+    remembered = gr.BrowserState(None, storage_key="artifact-studio-label-image")
+    screen = [canvas, regions, class_name, caption, definition, proposals, progress_md, status, segmenter_md]
+    sess = shared.session
+    nav_inputs = [sess, order, remembered]
+    open_outputs = [*screen, editor, drafts_md, taxonomy, remembered]
+    sess.change(bind(open_first, services, shared), inputs=nav_inputs, outputs=open_outputs)
+    tab.select(bind(open_first, services, shared), inputs=nav_inputs, outputs=open_outputs)
+    order.change(bind(open_first, services, shared), inputs=nav_inputs, outputs=open_outputs)
+    nxt.click(bind(step, services, shared, +1), inputs=nav_inputs, outputs=open_outputs)
+    prev.click(bind(step, services, shared, -1), inputs=nav_inputs, outputs=open_outputs)
+    canvas.select(bind(click, services, shared), inputs=[sess, click_mode], outputs=screen,
+                  concurrency_id=GPU, concurrency_limit=1)
+    proposals.input(bind(choose_proposal, services, shared), inputs=[sess, proposals], outputs=screen)
+    clear.click(bind(clear_clicks, services, shared), inputs=[sess], outputs=screen)
+    as_new.click(bind(use_proposal, services, shared, "new"), inputs=[sess, class_name, caption], outputs=screen)
+    add_to.click(bind(use_proposal, services, shared, "add"), inputs=[sess, class_name, caption], outputs=screen)
+    subtract.click(bind(use_proposal, services, shared, "subtract"), inputs=[sess, class_name, caption],
+                   outputs=screen)
+    apply.click(bind(apply_strokes, services, shared), inputs=[sess, editor, stroke_mode, class_name, caption],
+                outputs=[*screen, editor])
+    regions.input(bind(select_region, services, shared), inputs=[sess, regions], outputs=screen)
+    class_name.change(bind(show_definition, services), inputs=[sess, class_name], outputs=[definition])
+    save_meta.click(bind(save_class_caption, services, shared), inputs=[sess, class_name, caption], outputs=screen)
+    undo.click(bind(undo_redo, services, shared, "undo"), inputs=[sess], outputs=screen)
+    redo.click(bind(undo_redo, services, shared, "redo"), inputs=[sess], outputs=screen)
+    delete.click(bind(delete_region, services, shared), inputs=[sess], outputs=screen)
+    reviewed.click(bind(mark_reviewed, services, shared), inputs=[sess], outputs=screen)
+    accept.click(bind(accept_drafts, services, shared), inputs=[sess], outputs=[*screen, drafts_md])
+    from_heatmap.click(bind(region_from_heatmap, services, shared), inputs=[sess, heat_threshold, class_name, caption],
+                       outputs=screen)
+    agree.click(bind(agreement, services, shared), inputs=[agree_threshold], outputs=[agree_img, agree_md])
+    save_taxonomy.click(bind(set_taxonomy, services, shared), inputs=[sess, taxonomy], outputs=[class_name, status])
+
+
+# ---------------------------------------------------------------------------------------------- queue
+
+def queue(services, session_id: int, order: str) -> list[int]:
+    """Image ids of the session in the chosen order."""
+    records = services.store.list_images(session_id)
+    ids = [r.id for r in records]
+    if order == "unlabelled first":
+        return sorted(ids, key=lambda i: (services.store.is_labelled(i), i))
+    if order == "detector uncertainty":
+        def uncertainty(image_id: int) -> float:
+            maps = [h for h in services.store.list_heatmaps(image_id) if h.family != "trajectory"]
+            if not maps:
+                return -1.0
+            scores = services.store.load_heatmap(maps[0].id)
+            return float(np.mean(1.0 - np.abs(2.0 * scores - 1.0)))  # 1 = all pixels at 0.5, 0 = all certain
+        return sorted(ids, key=lambda i: (-uncertainty(i), i))
+    return ids
+
+
+@user_errors
+def open_first(services, shared: Shared, session_id, order, remembered=None, request: gr.Request = None):
+    """Open the image this browser had open (kept across reloads), else the first of the queue."""
+    if session_id in (None, ""):
+        return _blank()
+    sid = int(session_id)
+    ids = queue(services, sid, order)
+    view = _view(shared, request)
+    if view.image_id not in ids:
+        if not ids:
+            view.image_id, view.rgb = None, None
+            return _blank("This session has no images yet.")
+        _open(services, view, remembered if remembered in ids else ids[0])
+    return _open_outputs(services, view, sid)
+
+
+@user_errors
+def step(services, shared: Shared, delta: int, session_id, order, remembered=None, request: gr.Request = None):
+    sid = require_session(session_id)
+    ids = queue(services, sid, order)
+    if not ids:
+        return _blank("This session has no images yet.")
+    view = _view(shared, request)
+    pos = ids.index(view.image_id) if view.image_id in ids else -delta
+    _open(services, view, ids[(pos + delta) % len(ids)])
+    return _open_outputs(services, view, sid)
+
+
+def _open(services, view: LabelView, image_id: int) -> None:
+    view.image_id, view.rgb = image_id, services.store.load_rgb(image_id)
+    view.points, view.labels, view.box_corner, view.box, view.proposals, view.chosen = [], [], None, None, [], 0
+    state = services.store.label_state(image_id)
+    view.selected = state.regions[0].key if state.regions else None
+    if view.masker is None:
+        view.masker = services.new_masker()
+    view.masker.set_image(view.rgb)
+
+
+# ---------------------------------------------------------------------------------------------- SAM prompts
+
+@user_errors
+def click(services, shared: Shared, session_id, mode: str, evt: gr.SelectData, request: gr.Request = None):
+    """A click on the image: a positive/negative point or a box corner; proposals update at once."""
+    view = _need_image(shared, request)
+    x, y = int(evt.index[0]), int(evt.index[1])
+    if mode == "box":
+        if view.box_corner is None:
+            view.box_corner = (x, y)
+            return _screen(services, view, "Box: click the opposite corner.")
+        (x0, y0), view.box_corner = view.box_corner, None
+        view.box = (min(x0, x), min(y0, y), max(x0, x), max(y0, y))
+    else:
+        view.points.append((x, y))
+        view.labels.append(1 if mode == "positive" else 0)
+    with services.gpu_lock:
+        view.proposals = view.masker.predict(view.points or None, view.labels or None, box=view.box)
+    view.chosen = 0
+    return _screen(services, view, f"{len(view.proposals)} proposal(s).")
+
+
+@user_errors
+def choose_proposal(services, shared: Shared, session_id, choice, request: gr.Request = None):
+    view = _need_image(shared, request)
+    if choice:
+        view.chosen = int(str(choice).split(" ")[0]) - 1
+    return _screen(services, view)
+
+
+@user_errors
+def clear_clicks(services, shared: Shared, session_id, request: gr.Request = None):
+    view = _need_image(shared, request)
+    view.points, view.labels, view.box_corner, view.box, view.proposals = [], [], None, None, []
+    return _screen(services, view, "Clicks cleared.")
+
+
+@user_errors
+def use_proposal(services, shared: Shared, how: str, session_id, class_name, caption, request: gr.Request = None):
+    """Turn the chosen proposal into a new region, or add it to / subtract it from the selected one."""
+    view = _need_image(shared, request)
+    if not view.proposals:
+        raise ValueError("Click the image first to get a proposal.")
+    mask = view.proposals[min(view.chosen, len(view.proposals) - 1)].mask
+    author = "human" if getattr(view.masker, "approximate", False) else "sam-assisted"
+    _apply_mask(services, view, mask, how, author, class_name, caption, f"{how} SAM proposal")
+    view.points, view.labels, view.box, view.proposals = [], [], None, []
+    return _screen(services, view, "Saved.")
+
+
+def _apply_mask(services, view: LabelView, mask: np.ndarray, how: str, author: str, class_name, caption,
+                action: str) -> None:
+    store = services.store
+    if how == "new" or view.selected is None:
+        if how == "subtract":
+            raise ValueError("Select a region to subtract from.")
+        state = store.edit_regions(view.image_id, add=[NewMask(mask=mask, author=author, class_name=class_name or None,
+                                                               caption=caption or None)], action=action)
+        view.selected = state.regions[-1].key
+        return
+    region = _selected_region(services, view)
+    current = store.load_mask(region.mask_id)
+    new = current | mask if how == "add" else current & ~mask
+    if not new.any():
+        store.edit_regions(view.image_id, remove=[region.key], action=f"{action} (region emptied)")
+        view.selected = None
+        return
+    store.edit_regions(view.image_id, update={region.key: {"mask": new, "author": author}}, action=action)
+
+
+@user_errors
+def apply_strokes(services, shared: Shared, session_id, editor_value, mode: str, class_name, caption,
+                  request: gr.Request = None):
+    """Brush strokes (any opaque pixel of the paint layer) added to or erased from the selected region."""
+    view = _need_image(shared, request)
+    strokes = painted_mask(editor_value, view.rgb.shape[:2])
+    if not strokes.any():
+        raise ValueError("Paint on the image first (choose the brush in the editor toolbar).")
+    how = "subtract" if mode.startswith("erase") else "add"
+    _apply_mask(services, view, strokes, how, "human", class_name, caption, f"brush {how}")
+    return (*_screen(services, view, "Strokes applied."), _editor_value(view))
+
+
+def painted_mask(editor_value, shape: tuple[int, int]) -> np.ndarray:
+    """bool[H, W] of the painted pixels of an ImageEditor value, checked to be at native size."""
+    layers = (editor_value or {}).get("layers") or []
+    if not layers:
+        return np.zeros(shape, bool)
+    painted = np.zeros(layers[0].shape[:2], bool)
+    for layer in layers:
+        painted |= layer[..., 3] > 0 if layer.ndim == 3 and layer.shape[2] == 4 else layer.astype(bool).reshape(layer.shape[:2])
+    if painted.shape != shape:
+        raise ValueError(f"The editor returned strokes at {painted.shape[1]}x{painted.shape[0]} instead of the image's "
+                         f"{shape[1]}x{shape[0]}; nothing was applied. Reload the image and paint again.")
+    return painted
+
+
+# ---------------------------------------------------------------------------------------------- regions
+
+@user_errors
+def select_region(services, shared: Shared, session_id, key, request: gr.Request = None):
+    view = _need_image(shared, request)
+    view.selected = str(key).split(" ")[0] if key else None
+    return _screen(services, view)
+
+
+@user_errors
+def save_class_caption(services, shared: Shared, session_id, class_name, caption, request: gr.Request = None):
+    view = _need_image(shared, request)
+    region = _selected_region(services, view)
+    services.store.edit_regions(view.image_id, update={region.key: {"class_name": class_name or None,
+                                                                      "caption": (caption or "").strip() or None}},
+                                action="set class and caption")
+    return _screen(services, view, f"Saved {region.key}.")
+
+
+@user_errors
+def delete_region(services, shared: Shared, session_id, request: gr.Request = None):
+    view = _need_image(shared, request)
+    region = _selected_region(services, view)
+    services.store.edit_regions(view.image_id, remove=[region.key], action="delete region")
+    view.selected = None
+    return _screen(services, view, f"Deleted {region.key} (undo brings it back).")
+
+
+@user_errors
+def undo_redo(services, shared: Shared, which: str, session_id, request: gr.Request = None):
+    view = _need_image(shared, request)
+    before = services.store.label_state(view.image_id)
+    state = services.store.undo(view.image_id) if which == "undo" else services.store.redo(view.image_id)
+    if state.seq == before.seq:
+        return _screen(services, view, f"Nothing to {which}.")
+    if view.selected not in {r.key for r in state.regions}:
+        view.selected = state.regions[0].key if state.regions else None
+    done = before.action if which == "undo" else state.action
+    return _screen(services, view, f"{which.capitalize()}: {done}.")
+
+
+@user_errors
+def mark_reviewed(services, shared: Shared, session_id, request: gr.Request = None):
+    view = _need_image(shared, request)
+    state = services.store.mark_reviewed(view.image_id)
+    return _screen(services, view, f"Marked as labelled with {len(state.regions)} region(s).")
+
+
+@user_errors
+def accept_drafts(services, shared: Shared, session_id, request: gr.Request = None):
+    view = _need_image(shared, request)
+    drafts = _pending_drafts(services, view.image_id)
+    if not drafts:
+        raise ValueError("No draft regions: send regions from the Inspect tab first.")
+    adds = [NewMask(mask=services.store.load_mask(m.id), author="detector", class_name=m.class_name,
+                    caption=m.caption) for m in drafts]
+    state = services.store.edit_regions(view.image_id, add=adds, action=f"accept {len(adds)} detector draft(s)")
+    view.selected = state.regions[-1].key
+    return (*_screen(services, view, f"Accepted {len(adds)} draft region(s)."), _drafts_note(services, view.image_id))
+
+
+@user_errors
+def region_from_heatmap(services, shared: Shared, session_id, threshold, class_name, caption,
+                        request: gr.Request = None):
+    view = _need_image(shared, request)
+    maps = [h for h in services.store.list_heatmaps(view.image_id) if h.family != "trajectory"]
+    if not maps:
+        raise ValueError("This image has no detector heatmap yet; run a detector in Inspect.")
+    mask = services.store.load_heatmap(maps[0].id) >= float(threshold)
+    if not mask.any():
+        raise ValueError(f"No pixel of the heatmap reaches {float(threshold):.2f}; lower the threshold.")
+    state = services.store.edit_regions(view.image_id, add=[NewMask(mask=mask, author="detector",
+                                                                    class_name=class_name or None,
+                                                                    caption=caption or None)],
+                                        action=f"region from heatmap >= {float(threshold):.2f}")
+    view.selected = state.regions[-1].key
+    return _screen(services, view, "Added the thresholded heatmap as a region.")
+
+
+@user_errors
+def agreement(services, shared: Shared, threshold, request: gr.Request = None):
+    """Human mask (union of regions) vs detector mask at the threshold: TP/FP/FN colours and IoU."""
+    view = _need_image(shared, request)
+    maps = [h for h in services.store.list_heatmaps(view.image_id) if h.family != "trajectory"]
+    if not maps:
+        raise ValueError("This image has no detector heatmap yet; run a detector in Inspect.")
+    human = union_mask(services, view.image_id, view.rgb.shape[:2])
+    detector = services.store.load_heatmap(maps[0].id) >= float(threshold)
+    score = score_image(detector, human, f"image {view.image_id}")
+    out = (view.rgb.astype(np.float32) * 0.45).astype(np.uint8)
+    out[detector & human] = (40, 220, 60)
+    out[detector & ~human] = (235, 50, 50)
+    out[~detector & human] = (60, 120, 255)
+    return out, (f"IoU **{score.iou:.3f}** · both {score.tp} px · detector only {score.fp} px · human only "
+                 f"{score.fn} px (detector `{maps[0].detector_id}`, threshold {float(threshold):.2f})")
+
+
+@user_errors
+def set_taxonomy(services, shared: Shared, session_id, text: str):
+    sid = require_session(session_id)
+    try:
+        classes = json.loads(text or "")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"The taxonomy is not valid JSON (line {exc.lineno}): {exc.msg}.") from None
+    if not isinstance(classes, list):
+        raise ValueError('The taxonomy must be a JSON list like [{"name": "blur", "definition": "..."}].')
+    services.store.set_session_taxonomy(sid, classes)
+    names = [c["name"] for c in services.taxonomy(sid)]
+    return gr.Dropdown(choices=names), f"Saved a taxonomy of {len(names)} classes."
+
+
+@user_errors
+def show_definition(services, session_id, name) -> str:
+    if session_id in (None, "") or not name:
+        return ""
+    for item in services.taxonomy(int(session_id)):
+        if item["name"] == name:
+            return f"*{item['name']}*: {item['definition']}"
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+def union_mask(services, image_id: int, shape: tuple[int, int]) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    for region in services.store.label_state(image_id).regions:
+        mask |= services.store.load_mask(region.mask_id)
+    return mask
+
+
+def render(services, view: LabelView) -> np.ndarray:
+    """The image with regions in palette colours (selected one stronger), proposal in cyan, clicks as dots."""
+    out = view.rgb.astype(np.uint16)
+    state = services.store.label_state(view.image_id)
+    for i, region in enumerate(state.regions):
+        mask = services.store.load_mask(region.mask_id)
+        colour = PALETTE[i % len(PALETTE)].astype(np.uint16)
+        a = 150 if region.key == view.selected else 90
+        out[mask] = (out[mask] * (256 - a) + colour * a) >> 8
+        out[mask_edges(mask)] = (255, 255, 255) if region.key == view.selected else colour
+    if view.proposals:
+        mask = view.proposals[min(view.chosen, len(view.proposals) - 1)].mask
+        out[mask] = (out[mask] * 128 + np.array([0, 255, 255], np.uint16) * 128) >> 8
+        out[mask_edges(mask)] = (0, 255, 255)
+    img = out.astype(np.uint8)
+    radius = max(3, min(img.shape[:2]) // 120)
+    for (x, y), lab in zip(view.points, view.labels):
+        _dot(img, x, y, radius, (0, 230, 0) if lab == 1 else (255, 0, 0))
+    if view.box is not None:
+        x0, y0, x1, y1 = view.box
+        img[y0:y1 + 1, [x0, x1]] = (255, 255, 0)
+        img[[y0, y1], x0:x1 + 1] = (255, 255, 0)
+    if view.box_corner is not None:
+        _dot(img, *view.box_corner, radius, (255, 255, 0))
+    return img
+
+
+def _dot(img: np.ndarray, x: int, y: int, r: int, colour) -> None:
+    h, w = img.shape[:2]
+    yy, xx = np.ogrid[max(0, y - r):min(h, y + r + 1), max(0, x - r):min(w, x + r + 1)]
+    disc = (yy - y) ** 2 + (xx - x) ** 2 <= r * r
+    img[max(0, y - r):min(h, y + r + 1), max(0, x - r):min(w, x + r + 1)][disc] = colour
+
+
+def _screen(services, view: LabelView, message: str = ""):
+    """Values for [canvas, regions, class, caption, definition, proposals, progress, status, segmenter]."""
+    state = services.store.label_state(view.image_id)
+    image = services.store.get_image(view.image_id)
+    total = view.rgb.shape[0] * view.rgb.shape[1]
+    choices = []
+    for region in state.regions:
+        area = 0.0 if region.bbox is None else 100.0 * services.store.load_mask(region.mask_id).sum() / total
+        choices.append(f"{region.key} · {region.class_name or 'unclassified'} · {area:.2f}% · {region.author}")
+    selected = next((c for c in choices if c.split(" ")[0] == view.selected), None)
+    region = next((r for r in state.regions if r.key == view.selected), None)
+    names = [c["name"] for c in services.taxonomy(image.session_id)]
+    done, n = services.store.label_progress(image.session_id)
+    progress = (f"**{done} of {n} labelled** · image #{view.image_id} ({view.rgb.shape[1]}x{view.rgb.shape[0]})"
+                f"{' · labelled' if services.store.is_labelled(view.image_id) else ''}")
+    history = f" · undo: {'yes' if state.can_undo else 'no'}, redo: {'yes' if state.can_redo else 'no'}"
+    prop_choices = [f"{i + 1} ({p.score:.2f})" for i, p in enumerate(view.proposals)]
+    note = getattr(view.masker, "note", "")
+    return (render(services, view), gr.Radio(choices=choices, value=selected),
+            gr.Dropdown(choices=names, value=region.class_name if region and region.class_name in names else None),
+            (region.caption or "") if region else "", "",
+            gr.Radio(choices=prop_choices, value=prop_choices[view.chosen] if prop_choices else None),
+            progress + history, message, f"Segmenter: {note}" if note else "")
+
+
+def _open_outputs(services, view: LabelView, session_id: int):
+    return (*_screen(services, view), _editor_value(view), _drafts_note(services, view.image_id),
+            json.dumps(services.taxonomy(session_id), indent=1), view.image_id)
+
+
+def _editor_value(view: LabelView) -> dict:
+    return {"background": view.rgb, "layers": [], "composite": None}
+
+
+def _pending_drafts(services, image_id: int) -> list:
+    masks = services.store.list_masks(image_id)
+    sha = {m.id: m.sha256 for m in masks}
+    current = {sha.get(r.mask_id) for r in services.store.label_state(image_id).regions}
+    return [m for m in masks if m.status == "draft" and m.sha256 not in current]
+
+
+def _drafts_note(services, image_id: int | None) -> str:
+    if image_id is None:
+        return ""
+    n = len(_pending_drafts(services, image_id))
+    return f"{n} draft region(s) from Inspect waiting." if n else "No drafts from Inspect for this image."
+
+
+def _blank(message: str = "Choose a session."):
+    return (None, gr.Radio(choices=[], value=None), gr.Dropdown(choices=[]), "", "", gr.Radio(choices=[], value=None),
+            "", message, "", None, "", "", None)
+
+
+def _view(shared: Shared, request) -> LabelView:
+    return shared.per_browser.get(request, VIEW_KEY, LabelView)
+
+
+def _need_image(shared: Shared, request) -> LabelView:
+    view = _view(shared, request)
+    if view.image_id is None:
+        raise ValueError("Open an image first (choose a session, then Next).")
+    return view
+
+
+def _selected_region(services, view: LabelView):
+    region = next((r for r in services.store.label_state(view.image_id).regions if r.key == view.selected), None)
+    if region is None:
+        raise ValueError("Select a region first (in the list on the right).")
+    return region
