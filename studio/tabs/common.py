@@ -40,7 +40,12 @@ class PerBrowser:
     def free(self, request: gr.Request | None) -> None:
         sid = getattr(request, "session_hash", None) or "anonymous"
         with self._lock:
-            self._items.pop(sid, None)
+            slot = self._items.pop(sid, {})
+        for item in slot.values():  # e.g. a SAM masker's background worker
+            for value in (item, getattr(item, "masker", None)):
+                close = getattr(value, "close", None)
+                if callable(close):
+                    close()
 
     def __len__(self) -> int:
         return len(self._items)

@@ -173,7 +173,8 @@ def open_first(services, shared: Shared, session_id, order, remembered=None, req
         if not ids:
             view.image_id, view.rgb = None, None
             return _blank("This session has no images yet.")
-        _open(services, view, remembered if remembered in ids else ids[0])
+        target = remembered if remembered in ids else ids[0]
+        _open(services, view, target, _upcoming(ids, target))
     return _open_outputs(services, view, sid)
 
 
@@ -185,11 +186,19 @@ def step(services, shared: Shared, delta: int, session_id, order, remembered=Non
         return _blank("This session has no images yet.")
     view = _view(shared, request)
     pos = ids.index(view.image_id) if view.image_id in ids else -delta
-    _open(services, view, ids[(pos + delta) % len(ids)])
+    target = ids[(pos + delta) % len(ids)]
+    _open(services, view, target, _upcoming(ids, target))
     return _open_outputs(services, view, sid)
 
 
-def _open(services, view: LabelView, image_id: int) -> None:
+def _upcoming(ids: list[int], current: int, n: int = 2) -> list[int]:
+    i = ids.index(current)
+    return [ids[(i + k) % len(ids)] for k in range(1, n + 1) if ids[(i + k) % len(ids)] != current]
+
+
+def _open(services, view: LabelView, image_id: int, upcoming: list[int] = ()) -> None:
+    """Open an image: its embedding is computed (or read from cache) now; the next images of the
+    queue are embedded in the background so moving on is instant."""
     view.image_id, view.rgb = image_id, services.store.load_rgb(image_id)
     view.points, view.labels, view.box_corner, view.box, view.proposals, view.chosen = [], [], None, None, [], 0
     state = services.store.label_state(image_id)
@@ -197,6 +206,8 @@ def _open(services, view: LabelView, image_id: int) -> None:
     if view.masker is None:
         view.masker = services.new_masker()
     view.masker.set_image(view.rgb)
+    if upcoming:
+        view.masker.prefetch([services.store.load_rgb(i) for i in upcoming])
 
 
 # ---------------------------------------------------------------------------------------------- SAM prompts
