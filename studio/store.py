@@ -185,6 +185,24 @@ class LabelState:
     action: str
 
 
+@dataclass(frozen=True)
+class JobRecord:
+    """A training job: a supervised subprocess whose state lives in the `jobs` table."""
+    id: int
+    kind: str
+    status: str
+    params: dict
+    log_path: str | None
+    pid: int | None
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    error: str | None
+    session_id: int | None
+    out_dir: str | None
+    result: dict
+
+
 # ---------------------------------------------------------------- migrations
 def _m1_initial(db: sqlite_utils.Database) -> None:
     statuses = ", ".join(f"'{s}'" for s in JOB_STATUSES)
@@ -274,7 +292,23 @@ def _m3_labels(db: sqlite_utils.Database) -> None:
         db.execute(sql)
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial, _m2_detection, _m3_labels]
+def _m4_jobs(db: sqlite_utils.Database) -> None:
+    """Jobs know their session, output folder and result; metrics rows per job."""
+    for sql in [
+        "ALTER TABLE jobs ADD COLUMN session_id INTEGER REFERENCES sessions(id) ON DELETE SET NULL",
+        "ALTER TABLE jobs ADD COLUMN out_dir TEXT",
+        "ALTER TABLE jobs ADD COLUMN result TEXT NOT NULL DEFAULT '{}'",
+        """CREATE TABLE job_metrics (
+            id INTEGER PRIMARY KEY,
+            job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+            step INTEGER NOT NULL, loss REAL, miou REAL, lr REAL, row TEXT NOT NULL DEFAULT '{}',
+            created_at TEXT NOT NULL)""",
+        "CREATE INDEX idx_job_metrics_job_id ON job_metrics(job_id)",
+    ]:
+        db.execute(sql)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial, _m2_detection, _m3_labels, _m4_jobs]
 _FILE_REFERENCES = ("SELECT 1 FROM images WHERE sha256 = :sha UNION ALL SELECT 1 FROM masks WHERE sha256 = :sha "
                     "UNION ALL SELECT 1 FROM masks WHERE raw_sha256 = :sha "
                     "UNION ALL SELECT 1 FROM heatmaps WHERE sha256 = :sha LIMIT 1")
@@ -758,7 +792,8 @@ class Store:
             if head == 0:
                 regions = tuple(LabelRegion(key=f"m{m.id}", mask_id=m.id, class_name=m.class_name,
                                             caption=m.caption, author=m.author, bbox=m.bbox)
-                                for m in self.list_masks(image_id) if m.status == "final")
+                                for m in self.list_masks(image_id)
+                                if m.status == "final" and m.params.get("origin") != "label")
                 action = ""
             else:
                 row = self._conn.execute("SELECT regions, action FROM label_states WHERE image_id = ? AND seq = ?",
@@ -793,15 +828,26 @@ class Store:
         becomes a new mask version); `remove`: region keys. Unknown keys raise StoreError.
         """
         update = dict(update or {})
+        if not add and not update and not remove:
+            raise ValueError("Nothing to change: give regions to add, update or remove.")
+        add = [m if not isinstance(m, NewMask) else NewMask(
+            mask=m.mask, author=m.author, class_name=m.class_name, caption=m.caption, status=m.status, raw=m.raw,
+            params={**m.params, "origin": "label"}) for m in add]
         encoded_new = [_encode_mask(m, f"new region {i}") for i, m in enumerate(add)]
         encoded_upd = {}
         for key, change in update.items():
             unknown = set(change) - {"mask", "class_name", "caption", "author"}
             if unknown:
                 raise ValueError(f"Region {key}: unknown field(s) {sorted(unknown)}.")
+            if "author" in change and change["author"] not in MASK_AUTHORS:
+                raise ValueError(f"Region {key}: author {change['author']!r} is not one of {list(MASK_AUTHORS)}.")
+            for name in ("class_name", "caption"):
+                if name in change:
+                    _check_optional(f"Region {key}: {name}", change[name], str)
             if "mask" in change:
                 current = change.get("author", "human")
-                encoded_upd[key] = _encode_mask(NewMask(mask=change["mask"], author=current), f"region {key}")
+                encoded_upd[key] = _encode_mask(NewMask(mask=change["mask"], author=current,
+                                                        params={"origin": "label"}), f"region {key}")
         created: list[Path] = []
         try:
             with self._tx():
@@ -821,7 +867,8 @@ class Store:
                         enc = encoded_upd[region.key]
                         enc = (NewMask(mask=enc[0].mask, author=change.get("author", region.author),
                                        class_name=change.get("class_name", region.class_name),
-                                       caption=change.get("caption", region.caption)),) + enc[1:]
+                                       caption=change.get("caption", region.caption),
+                                       params={"origin": "label"}),) + enc[1:]
                         mask_id = self._insert_mask(image, enc, created)
                         bbox = _bbox(enc[0].mask)
                     regions[i] = LabelRegion(key=region.key, mask_id=mask_id, bbox=bbox,
@@ -890,7 +937,8 @@ class Store:
 
     def set_session_taxonomy(self, session_id: int | str, classes: list[dict]) -> None:
         """Replace the session's classes; each needs a unique non-empty "name" (and a "definition")."""
-        names = [str(c.get("name", "")).strip() if isinstance(c, dict) else "" for c in classes]
+        names = [c["name"].strip() if isinstance(c, dict) and isinstance(c.get("name"), str) else ""
+                 for c in classes]
         if not classes or any(not n for n in names) or len(set(names)) != len(names):
             raise ValueError("A taxonomy needs at least one class, each with a unique, non-empty name.")
         clean = [{"name": n, "definition": str(c.get("definition", "")).strip()} for n, c in zip(names, classes)]
@@ -899,6 +947,73 @@ class Store:
             self.db.execute("INSERT INTO taxonomies (session_id, classes, updated_at) VALUES (?, ?, ?) "
                             "ON CONFLICT(session_id) DO UPDATE SET classes = excluded.classes, "
                             "updated_at = excluded.updated_at", (sid, json.dumps(clean), _now()))
+
+    # ------------------------------------------------------------ jobs
+    def create_job(self, kind: str, params: dict, session_id: int | None = None) -> JobRecord:
+        """Insert a queued job; returns it."""
+        params_json = _to_json(params, "params")
+        with self._tx():
+            if session_id is not None:
+                session_id = self._session_id(session_id)
+            job_id = int(self.db.table("jobs").insert({
+                "kind": kind, "status": "queued", "params": params_json, "session_id": session_id,
+                "created_at": _now()}).last_pk)
+        return self.get_job(job_id)
+
+
+    def get_job(self, job_id: int) -> JobRecord:
+        with self._lock:
+            rows = list(self.db.query("SELECT * FROM jobs WHERE id = ?", (int(job_id),)))
+        if not rows:
+            raise StoreError(f"Unknown job {job_id!r}; `artifact-studio jobs` lists them.")
+        return _job_record(rows[0])
+
+
+    def list_jobs(self, status: str | None = None) -> list[JobRecord]:
+        """Jobs, newest first (optionally of one status)."""
+        sql, args = "SELECT * FROM jobs", ()
+        if status is not None:
+            sql, args = sql + " WHERE status = ?", (status,)
+        with self._lock:
+            return [_job_record(r) for r in self.db.query(sql + " ORDER BY id DESC", args)]
+
+
+    def update_job(self, job_id: int, **fields: Any) -> JobRecord:
+        """Set job fields (status, pid, started_at, finished_at, error, log_path, out_dir, result)."""
+        unknown = set(fields) - _JOB_FIELDS
+        if unknown:
+            raise ValueError(f"Unknown job field(s) {sorted(unknown)}.")
+        if "status" in fields and fields["status"] not in JOB_STATUSES:
+            raise ValueError(f"Job status {fields['status']!r} is not one of {list(JOB_STATUSES)}.")
+        if "result" in fields:
+            fields["result"] = _to_json(fields["result"], "result")
+        with self._tx():
+            self.get_job(job_id)
+            sets = ", ".join(f"{k} = ?" for k in fields)
+            self.db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*fields.values(), int(job_id)))
+        return self.get_job(job_id)
+
+
+    def add_job_metric(self, job_id: int, row: dict) -> None:
+        """One metrics row {step, loss, miou, lr, ...}; the whole row is kept as JSON too."""
+        row_json = _to_json(row, "row")
+        with self._tx():
+            self.db.table("job_metrics").insert({
+                "job_id": int(job_id), "step": int(row.get("step", 0)), "loss": row.get("loss"),
+                "miou": row.get("miou"), "lr": row.get("lr"), "row": row_json, "created_at": _now()})
+
+
+    def job_metrics(self, job_id: int) -> list[dict]:
+        with self._lock:
+            return [json.loads(r["row"]) for r in self.db.query(
+                "SELECT row FROM job_metrics WHERE job_id = ? ORDER BY id", (int(job_id),))]
+
+
+def _job_record(row: dict) -> JobRecord:
+    return JobRecord(**dict(row, params=json.loads(row["params"]), result=json.loads(row["result"] or "{}")))
+
+
+_JOB_FIELDS = {"status", "log_path", "pid", "started_at", "finished_at", "error", "out_dir", "result"}
 
 
 def _bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:

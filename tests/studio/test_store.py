@@ -32,13 +32,13 @@ def store(tmp_path):
 
 def test_migrations_are_idempotent_and_pragmas_set(tmp_path):
     first = Store(tmp_path)
-    assert first.schema_version() == len(MIGRATIONS) == 3
+    assert first.schema_version() == len(MIGRATIONS) == 4
     first.create_session("kept")
     first.close()
     again = Store(tmp_path)
-    assert again.schema_version() == 3
+    assert again.schema_version() == 4
     assert set(TABLES) <= set(again.db.table_names())
-    assert again.db.table("migrations").count == 3
+    assert again.db.table("migrations").count == 4
     assert [s.name for s in again.list_sessions()] == ["kept"]
     assert again.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert again.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
@@ -233,7 +233,7 @@ def test_masks(store):
 def test_jobs_table_shape(store):
     cols = set(store.db.table("jobs").columns_dict)
     assert cols == {"id", "kind", "status", "params", "log_path", "pid", "created_at",
-                    "started_at", "finished_at", "error"}
+                    "started_at", "finished_at", "error", "session_id", "out_dir", "result"}
     with pytest.raises(sqlite3.IntegrityError):
         store.db.execute("INSERT INTO jobs (kind, status, created_at) VALUES ('train', 'bogus', 'now')")
 
@@ -264,6 +264,6 @@ def test_two_stores_on_one_data_dir_see_each_others_writes(tmp_path):
     assert [i.id for i in app.list_images(sid)] == [img.id]
     with pytest.raises(StoreError, match="already exists"):
         app.create_session("Shared")
-    assert app.schema_version() == cli.schema_version() == 3
+    assert app.schema_version() == cli.schema_version() == 4
     app.close()
     cli.close()

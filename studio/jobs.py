@@ -1,0 +1,242 @@
+"""Long-running work (training, tuning) as supervised subprocesses whose state lives in `jobs`.
+
+A job is launched as its own process session (`python -m studio.jobs run ID`, or `accelerate launch`
+when accelerate is configured for several devices), so it keeps running when the app restarts and
+the UI re-attaches by reading the table. Cancel writes a flag file the worker checks between steps:
+the worker saves its checkpoint and ends as `cancelled`. A job whose process died is marked
+`interrupted` on the next start and can be resumed (same output folder: the trainer continues from
+its last checkpoint). One job runs at a time; others wait as `queued` and start when it ends.
+
+Layout: <data-dir>/jobs/<id>/{log.txt, cancel, out/}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+from studio.store import JobRecord, Store
+
+JOB_KINDS = ("detector", "region-selector", "lora")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class JobManager:
+    """Launch, cancel, resume and recover jobs of one data directory."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def job_dir(self, job_id: int) -> Path:
+        return self.store.data_dir / "jobs" / str(int(job_id))
+
+    def launch(self, kind: str, params: dict, session_id: int | None = None) -> JobRecord:
+        """Queue a job and start it now unless another job is running."""
+        if kind not in JOB_KINDS:
+            raise ValueError(f"Unknown job kind '{kind}'; use one of {', '.join(JOB_KINDS)}.")
+        job = self.store.create_job(kind, params, session_id)
+        folder = self.job_dir(job.id)
+        (folder / "out").mkdir(parents=True, exist_ok=True)
+        self.store.update_job(job.id, log_path=str(folder / "log.txt"), out_dir=str(folder / "out"))
+        self.start_next()
+        return self.store.get_job(job.id)
+
+    def start_next(self) -> JobRecord | None:
+        """Start the oldest queued job if none is running; returns it."""
+        self.recover()
+        if self.store.list_jobs("running"):
+            return None
+        queued = self.store.list_jobs("queued")
+        if not queued:
+            return None
+        job = queued[-1]
+        folder = self.job_dir(job.id)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "cancel").unlink(missing_ok=True)
+        log = open(folder / "log.txt", "ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
+            [str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        proc = subprocess.Popen(self.command(job), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=str(ROOT), env=env, start_new_session=True)
+        log.close()
+        return self.store.update_job(job.id, status="running", pid=proc.pid, started_at=_now(), error=None)
+
+    def command(self, job: JobRecord) -> list[str]:
+        """Plain python, or `accelerate launch` when a multi-device accelerate config exists."""
+        worker = ["-m", "studio.jobs", "--data-dir", str(self.store.data_dir), "run", str(job.id)]
+        accelerate = shutil.which("accelerate")
+        if accelerate and job.kind != "lora" and _accelerate_processes() > 1:
+            return [accelerate, "launch", *worker]
+        return [sys.executable, *worker]
+
+    def cancel(self, job_id: int) -> JobRecord:
+        """Ask a running job to stop (it saves its checkpoint); a queued one is cancelled at once."""
+        job = self.store.get_job(job_id)
+        if job.status == "queued":
+            return self.store.update_job(job.id, status="cancelled", finished_at=_now())
+        if job.status != "running":
+            raise ValueError(f"Job {job.id} is {job.status}; only queued or running jobs can be cancelled.")
+        self.job_dir(job.id).mkdir(parents=True, exist_ok=True)
+        (self.job_dir(job.id) / "cancel").write_text("cancel requested\n")
+        return job
+
+    def resume(self, job_id: int) -> JobRecord:
+        """Run an interrupted, cancelled or failed job again in its folder (continues from `last`)."""
+        job = self.store.get_job(job_id)
+        if job.status not in ("interrupted", "cancelled", "failed"):
+            raise ValueError(f"Job {job.id} is {job.status}; only interrupted, cancelled or failed jobs can be resumed.")
+        self.store.update_job(job.id, status="queued", finished_at=None, error=None, pid=None)
+        self.start_next()
+        return self.store.get_job(job.id)
+
+    def recover(self) -> list[int]:
+        """Mark running jobs whose process is gone as interrupted; returns their ids."""
+        lost = []
+        for job in self.store.list_jobs("running"):
+            if job.pid is None or not _alive(job.pid, job.id):
+                fresh = self.store.get_job(job.id)  # the worker may have just finished
+                if fresh.status == "running":
+                    self.store.update_job(job.id, status="interrupted", finished_at=_now(),
+                                          error="The job's process ended without reporting (killed or crashed).")
+                    lost.append(job.id)
+        return lost
+
+    def kill(self, job_id: int) -> None:
+        """Hard stop (SIGTERM to the job's process group); the job becomes interrupted. For tests/admin."""
+        job = self.store.get_job(job_id)
+        if job.pid:
+            try:
+                os.killpg(job.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def log_tail(self, job_id: int, lines: int = 40) -> str:
+        job = self.store.get_job(job_id)
+        if not job.log_path or not Path(job.log_path).is_file():
+            return ""
+        data = Path(job.log_path).read_bytes()[-20000:].decode("utf-8", "replace")
+        return "\n".join(data.splitlines()[-lines:])
+
+
+def _alive(pid: int, job_id: int) -> bool:
+    """True if `pid` runs and is this job's worker (guards against pid reuse on Linux)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists():
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            return True
+        if b"studio.jobs" not in args or str(job_id).encode() not in args:
+            return False
+        status = Path(f"/proc/{pid}/stat").read_text().split()
+        return len(status) < 3 or status[2] != "Z"  # a zombie has finished
+    return True
+
+
+def _accelerate_processes() -> int:
+    """num_processes of the default accelerate config, 1 if none."""
+    try:
+        from accelerate.commands.config.config_args import default_config_file, load_config_from_file
+
+        if not Path(default_config_file).is_file():
+            return 1
+        return int(getattr(load_config_from_file(default_config_file), "num_processes", 1) or 1)
+    except Exception:  # noqa: BLE001 - a broken accelerate config means: run plainly
+        return 1
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+def run_job(data_dir: Path, job_id: int) -> int:
+    """The worker: run one job to the end, recording metrics, result and final status."""
+    from studio.services import Services, quiet_libraries
+
+    quiet_libraries()
+    store = Store(data_dir)
+    manager = JobManager(store)
+    job = store.get_job(job_id)
+    folder = manager.job_dir(job.id)
+    cancel_flag = folder / "cancel"
+
+    def should_stop() -> bool:
+        return cancel_flag.exists()
+
+    def log(row: dict) -> None:
+        store.add_job_metric(job.id, {k: v for k, v in row.items() if isinstance(v, (int, float, str, bool))})
+        print(json.dumps(row), flush=True)
+
+    status, error, result = "failed", None, {}
+    try:
+        services = Services(data_dir=Path(data_dir), store=store, device=job.params.get("device", "cpu"))
+        runner = {"detector": _run_detector, "region-selector": _run_detector, "lora": _run_lora}[job.kind]
+        result = runner(services, job, Path(job.out_dir or folder / "out"), should_stop, log)
+        status = "cancelled" if result.get("stopped") else "succeeded"
+    except ValueError as exc:
+        error = " ".join(str(exc).split())
+        print(f"error: {error}", flush=True)
+    except Exception as exc:  # noqa: BLE001 - a worker records any crash in its job row
+        traceback.print_exc()
+        error = f"{type(exc).__name__}: {exc}"
+    store.update_job(job.id, status=status, finished_at=_now(), error=error, result=result)
+    cancel_flag.unlink(missing_ok=True)
+    manager.start_next()
+    store.close()
+    return 0 if status != "failed" else 1
+
+
+def _run_detector(services, job: JobRecord, out: Path, should_stop, log) -> dict:
+    from engines.train_detector import TrainConfig, train_detector
+    from studio.training_data import detector_samples
+
+    params = dict(job.params)
+    data = detector_samples(services, job.session_id, params, region_selector=job.kind == "region-selector")
+    config = TrainConfig(**params.get("config", {}))
+    result = train_detector(config, data.train, data.val, out, should_stop=should_stop, log=log, resume=True)
+    return {"best_dir": str(result.best_dir), "last_dir": str(result.last_dir), "best_miou": result.best_miou,
+            "steps_done": result.steps_done, "stopped": bool(getattr(result, "stopped", False)),
+            "data": data.summary}
+
+
+def _run_lora(services, job: JobRecord, out: Path, should_stop, log) -> dict:
+    from engines.tune import TuneConfig, tune_lora
+
+    params = dict(job.params)
+    config = TuneConfig(**params.get("config", {}))
+    text2image = services.text2image() if params.get("model") in (None, "demo") else None
+    if text2image is None:
+        services.model_spec = params["model"]
+        text2image = services.text2image()
+    detector = services.detector(params.get("detector", "demo"))
+    result = tune_lora(config, text2image.loaded, detector, params["prompts"], out, should_stop=should_stop, log=log)
+    return {**result.to_json(), "stopped": bool(getattr(result, "stopped", False))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m studio.jobs")
+    parser.add_argument("--data-dir", required=True)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run")
+    run.add_argument("job_id", type=int)
+    args = parser.parse_args(argv)
+    return run_job(Path(args.data_dir), args.job_id)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
