@@ -64,6 +64,10 @@ def serve(args: argparse.Namespace) -> int:
     print(f"Model: {services.model_spec} on {device}" + (" (demo: tiny random weights, not meaningful images)"
                                                          if services.uses_demo_model else ""), flush=True)
     services.ensure_samples()
+    from studio.jobs import JobManager
+
+    for job_id in JobManager(services.store).recover():
+        print(f"Job {job_id} was interrupted (its process is gone); resume it from the Train tab.", flush=True)
     demo = build_ui(services)
     demo.queue(default_concurrency_limit=4)
     demo.launch(

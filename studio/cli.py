@@ -100,6 +100,36 @@ def build_parser() -> argparse.ArgumentParser:
     imm.add_argument("--format", required=True, choices=["png", "coco"])
     imm.add_argument("path", metavar="PATH", help="png: a folder of binary masks; coco: annotations.json or its folder")
 
+    td = sub.add_parser("train-detector", parents=[common], help="train an artifact detector (or region selector) as a job")
+    td.add_argument("--session", help="session with labelled (and synthetic) images")
+    td.add_argument("--arch", default="tiny", help="tiny, upernet-convnext-tiny, upernet-swin-tiny, or a checkpoint folder")
+    td.add_argument("--init", default=None, help="ADE20K UperNet folder or hub id to initialise from")
+    td.add_argument("--steps", type=int, default=1000)
+    td.add_argument("--batch-size", type=int, default=4)
+    td.add_argument("--crop", type=int, default=256)
+    td.add_argument("--lr", type=float, default=6e-5)
+    td.add_argument("--eval-every", type=int, default=100)
+    td.add_argument("--seed", type=int, default=0)
+    td.add_argument("--region-selector", action="store_true", help="train the region selector (human masks only)")
+    td.add_argument("--pseudo-detector", default=None, help="also use this detector's thresholded output on unlabelled images")
+    td.add_argument("--resume", type=int, metavar="JOB", help="resume an interrupted/cancelled job instead")
+    td.add_argument("--detach", action="store_true", help="start the job and return at once")
+    td.add_argument("--json", action="store_true")
+
+    tu = sub.add_parser("tune", parents=[common], help="tune a LoRA with a detector's per-pixel feedback (DiffDoctor stage 2)")
+    tu.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    tu.add_argument("--detector", required=True)
+    tu.add_argument("--model", default="demo")
+    tu.add_argument("--steps", type=int, default=200)
+    tu.add_argument("--seed", type=int, default=0)
+    tu.add_argument("--detach", action="store_true")
+    tu.add_argument("--json", action="store_true")
+
+    jb = sub.add_parser("jobs", parents=[common], help="list training jobs")
+    jb.add_argument("--json", action="store_true")
+    ca = sub.add_parser("cancel", parents=[common], help="stop a job (its checkpoint is kept)")
+    ca.add_argument("job", type=int)
+
     ses = sub.add_parser("sessions", parents=[common], help="list sessions")
     ses.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
@@ -500,7 +530,129 @@ def cmd_import_masks(args) -> int:
         services.close()
 
 
+def cmd_train_detector(args) -> int:
+    from studio.jobs import JobManager
+
+    services = _open_services(args)
+    try:
+        manager = JobManager(services.store)
+        if args.resume is not None:
+            job = manager.resume(args.resume)
+        else:
+            if not args.session:
+                raise ValueError("--session is required (or --resume JOB).")
+            session = services.store.get_session(args.session)
+            config = {"arch": args.arch, "init": args.init, "steps": args.steps, "batch_size": args.batch_size,
+                      "crop": args.crop, "lr": args.lr, "eval_every": args.eval_every, "seed": args.seed}
+            _check_train_config(config)
+            kind = "region-selector" if args.region_selector else "detector"
+            job = manager.launch(kind, {"config": config, "pseudo_detector": args.pseudo_detector, "seed": args.seed},
+                                 session.id)
+        return _follow(manager, job.id, args)
+    finally:
+        services.close()
+
+
+def _check_train_config(config: dict) -> None:
+    from engines.train_detector import TrainConfig
+
+    TrainConfig(**config).validate()
+
+
+def cmd_tune(args) -> int:
+    from studio.jobs import JobManager
+
+    prompts_file = Path(args.prompts)
+    if not prompts_file.is_file():
+        raise ValueError(f"Prompt file '{args.prompts}' does not exist.")
+    prompts = [ln.strip() for ln in prompts_file.read_text().splitlines() if ln.strip()]
+    if not prompts:
+        raise ValueError(f"Prompt file '{args.prompts}' has no prompts (one per line).")
+    services = _open_services(args)
+    try:
+        manager = JobManager(services.store)
+        job = manager.launch("lora", {"config": {"steps": args.steps, "seed": args.seed}, "prompts": prompts,
+                                      "detector": args.detector, "model": args.model})
+        return _follow(manager, job.id, args)
+    finally:
+        services.close()
+
+
+def _follow(manager, job_id: int, args) -> int:
+    """Print a job's metric rows to stderr until it ends (Ctrl-C detaches; the job keeps running)."""
+    import time
+
+    job = manager.store.get_job(job_id)
+    print(f"job {job.id} ({job.kind}) {job.status}; log: {job.log_path}", file=sys.stderr)
+    if args.detach:
+        print(job.id)
+        return 0
+    seen = 0
+    try:
+        while True:
+            rows = manager.store.job_metrics(job_id)
+            for row in rows[seen:]:
+                print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                      file=sys.stderr)
+            seen = len(rows)
+            job = manager.store.get_job(job_id)
+            if job.status in ("succeeded", "failed", "cancelled", "interrupted"):
+                break
+            if job.status == "running":
+                manager.recover()
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        print(f"artifact-studio: detached; job {job_id} keeps running (`artifact-studio cancel {job_id}` stops it).",
+              file=sys.stderr)
+        return 0
+    if args.json:
+        print(json.dumps({"job": job.id, "kind": job.kind, "status": job.status, "error": job.error,
+                          "result": job.result}, indent=2))
+    else:
+        print(f"job {job.id} {job.status}" + (f": {job.error}" if job.error else ""))
+        for key, value in job.result.items():
+            if key != "data":
+                print(f"  {key}: {value}")
+    return 0 if job.status in ("succeeded", "cancelled") else EXIT_USER_ERROR
+
+
+def cmd_jobs(args) -> int:
+    from studio.jobs import JobManager
+
+    services = _open_services(args)
+    try:
+        manager = JobManager(services.store)
+        manager.recover()
+        jobs = services.store.list_jobs()
+        if args.json:
+            print(json.dumps([{"id": j.id, "kind": j.kind, "status": j.status, "session_id": j.session_id,
+                               "created_at": j.created_at, "finished_at": j.finished_at, "error": j.error,
+                               "result": j.result} for j in jobs], indent=2))
+        else:
+            for j in jobs:
+                print(f"{j.id:>4}  {j.kind:<16} {j.status:<12} {j.created_at[:19]}  {j.error or ''}")
+        return 0
+    finally:
+        services.close()
+
+
+def cmd_cancel(args) -> int:
+    from studio.jobs import JobManager
+
+    services = _open_services(args)
+    try:
+        job = JobManager(services.store).cancel(args.job)
+        print(f"job {job.id}: cancel requested" if job.status == "running" else f"job {job.id}: {job.status}")
+        return 0
+    finally:
+        services.close()
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train-detector": cmd_train_detector,
+    "tune": cmd_tune,
+    "jobs": cmd_jobs,
+    "cancel": cmd_cancel,
     "export": cmd_export,
     "import-masks": cmd_import_masks,
     "detect": cmd_detect,
