@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--count", type=int, default=1)
     gen.add_argument("--model", default=None, help="local pipeline folder or hub id (default: the embedded demo)")
     gen.add_argument("--trajectory", action="store_true", help="also store the experimental trajectory map (Inspect)")
+    gen.add_argument("--lora", default=None, help="a LoRA folder (diffusers format, e.g. from `tune`) to apply")
     gen.add_argument("--device", default=None, choices=["cpu", "cuda", "mps"])
 
     imp = sub.add_parser("import", parents=[common], help="import image files or folders into a session")
@@ -130,6 +131,27 @@ def build_parser() -> argparse.ArgumentParser:
     ca = sub.add_parser("cancel", parents=[common], help="stop a job (its checkpoint is kept)")
     ca.add_argument("job", type=int)
 
+    co = sub.add_parser("corrupt", parents=[common], help="build a synthetic pixel-labelled dataset by region corruption")
+    csrc = co.add_mutually_exclusive_group(required=True)
+    csrc.add_argument("--session", help="corrupt the session's images")
+    csrc.add_argument("--images", help="folder of clean images (with --masks, or random blobs)")
+    co.add_argument("--masks", help="folder of region masks matched to --images by file stem")
+    co.add_argument("--mask-source", default=None, choices=["label regions", "detector regions", "region selector", "random blobs"],
+                    help="session only (default: label regions when present, else random blobs)")
+    co.add_argument("--selector", help="region-selection model for --mask-source 'region selector'")
+    co.add_argument("--threshold", type=float, default=0.5, help="detector / region-selector threshold (tau)")
+    co.add_argument("--method", default="renoise", choices=["renoise", "ddim", "blur", "rotate", "gaussian", "downscale", "direct"])
+    co.add_argument("--num-inference-steps", type=int, default=50)
+    co.add_argument("--inversion-steps", type=int, default=10)
+    co.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1")
+    co.add_argument("--guidance", type=float, default=1.0)
+    co.add_argument("--renoise-iterations", type=int, default=1)
+    co.add_argument("--max-side", type=int, default=512, help="images are resized so the longer side is at most this")
+    co.add_argument("--model", default=None)
+    co.add_argument("--device", default=None, choices=["cpu", "cuda", "mps"])
+    co.add_argument("--out", required=True)
+    co.add_argument("--json", action="store_true", help="print the manifest rows written by this run")
+
     ses = sub.add_parser("sessions", parents=[common], help="list sessions")
     ses.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
@@ -208,6 +230,8 @@ def cmd_generate(args) -> int:
                                 record_trajectory=args.trajectory)
         params.validate()
         engine = services.text2image()
+        if args.lora:
+            services.use_lora(args.lora)
         if engine.loaded.is_demo:
             print(f"note: {engine.loaded.note}", file=sys.stderr)
         bar = _StderrProgress("generating")
@@ -217,7 +241,7 @@ def cmd_generate(args) -> int:
             raise ValueError(str(exc)) from None
         finally:
             bar.close()
-        records = _store_into(services, args, session, services.save_generation, result)
+        records = _store_into(services, args, session, services.save_generation, result, args.lora)
         for rec in records:
             print(rec.path)
         return 0
@@ -648,7 +672,123 @@ def cmd_cancel(args) -> int:
         services.close()
 
 
+def cmd_corrupt(args) -> int:
+    """Resumable dataset builder: each item is written (image, mask: temp + rename) before its manifest
+    line, so a rerun skips finished items and a kill leaves no half-written item. Under
+    `accelerate launch` (RANK / WORLD_SIZE set) items are sharded across processes, each writing its own
+    manifest shard; the shards are merged into manifest.jsonl."""
+    import os
+
+    from PIL import Image
+
+    from engines.corrupt import CorruptParams, random_blob_mask
+    from engines.images import find_images, load_image
+    from studio.services import fit_pair
+
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated whole numbers, got '{args.seeds}'.") from None
+    if not seeds:
+        raise ValueError("--seeds needs at least one seed.")
+    base = CorruptParams(num_inference_steps=args.num_inference_steps, inversion_steps=args.inversion_steps,
+                         method=args.method, seed=seeds[0], guidance_scale=args.guidance,
+                         renoise_iterations=args.renoise_iterations)
+    base.validate()
+    if args.masks and not args.images:
+        raise ValueError("--masks goes with --images.")
+    out = Path(args.out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    shard = out / (f"manifest.rank{rank}.jsonl" if world > 1 else "manifest.jsonl")
+    done = {json.loads(line)["item"] for f in out.glob("manifest*.jsonl") for line in f.read_text().splitlines() if line.strip()}
+    services = _open_services(args, args.model)
+    try:
+        # Work list: (name, loader of rgb, loader of mask, mask source, prompt, parent info)
+        work = []
+        if args.session:
+            session = services.store.get_session(args.session)
+            for rec in services.store.list_images(session.id):
+                if rec.source == "corrupted":
+                    continue
+                src = args.mask_source or ("label regions" if services.store.is_labelled(rec.id) else "random blobs")
+                work.append((f"{Path(rec.original_name or 'image').stem}-{rec.id}", rec.id, None, src,
+                             str(rec.params.get("prompt", "") or "")))
+        else:
+            masks = _by_stem(find_images([args.masks]), "mask") if args.masks else {}
+            for f in find_images([args.images]):
+                if args.masks and f.stem not in masks:
+                    print(f"artifact-studio: no mask for {f.name}; skipped", file=sys.stderr)
+                    continue
+                work.append((f.stem, f, masks.get(f.stem), "mask file" if args.masks else "random blobs", ""))
+        items = [(w, seed) for w in work for seed in seeds]
+        items = [it for i, it in enumerate(items) if i % world == rank]
+        todo = [it for it in items if f"{it[0][0]}-{args.method}-s{it[1]}" not in done]
+        print(f"{len(items) - len(todo)} item(s) already done, {len(todo)} to do (rank {rank} of {world})", file=sys.stderr)
+        corruptor = services.corruptor() if todo else None
+        written = []
+        bar = _StderrProgress("corrupting")
+        for n, ((name, src_ref, mask_ref, mask_source, prompt), seed) in enumerate(todo, start=1):
+            item = f"{name}-{args.method}-s{seed}"
+            if isinstance(src_ref, int):
+                rgb = services.store.load_rgb(src_ref)
+                mask = services.corruption_mask(src_ref, mask_source, detector=args.selector,
+                                                threshold=args.threshold, seed=seed)
+            else:
+                rgb = load_image(src_ref)
+                mask = (read_mask(mask_ref) if mask_ref is not None
+                        else random_blob_mask(rgb.shape[0], rgb.shape[1], seed))
+                if mask.shape != rgb.shape[:2]:
+                    raise ValueError(f"{Path(mask_ref).name}: mask size {mask.shape[::-1]} differs from the image's "
+                                     f"{rgb.shape[1::-1]}; masks are not stretched.")
+            rgb, mask = fit_pair(rgb, mask, args.max_side)
+            if not mask.any():
+                print(f"artifact-studio: empty region for {item}; skipped", file=sys.stderr)
+                continue
+            params = CorruptParams(**{**base.to_json(), "seed": seed, "prompt": prompt})
+            result = corruptor.corrupt(rgb, mask, params)
+            for folder, array in (("images", result.image), ("masks", result.mask.astype(np.uint8) * 255)):
+                tmp = out / folder / f".{item}.tmp.png"
+                Image.fromarray(array).save(tmp)
+                os.replace(tmp, out / folder / f"{item}.png")
+            row = {"item": item, "image": f"images/{item}.png", "mask": f"masks/{item}.png", "source": str(src_ref),
+                   "mask_source": mask_source, "method": args.method, "seed": seed, "params": params.to_json(),
+                   "width": int(rgb.shape[1]), "height": int(rgb.shape[0]), "confinement": result.confinement,
+                   "inside_change": result.inside_change, "outside_change": result.outside_change,
+                   "unet_calls": result.unet_calls, "cache_hit": result.cache_hit}
+            with open(shard, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            written.append(row)
+            bar(n, len(todo))
+        bar.close()
+        if world > 1:
+            _merge_manifests(out)
+        if args.json:
+            print(json.dumps(written, indent=2))
+        else:
+            print(f"wrote {len(written)} item(s) to {out}")
+        return 0
+    finally:
+        services.close()
+
+
+def _merge_manifests(out: Path) -> None:
+    """manifest.jsonl = the union of all rank shards (atomic replace; safe to run repeatedly)."""
+    import os
+
+    rows = {}
+    for f in sorted(out.glob("manifest*.jsonl")):
+        for line in f.read_text().splitlines():
+            if line.strip():
+                rows[json.loads(line)["item"]] = line
+    tmp = out / ".manifest.tmp"
+    tmp.write_text("".join(rows[k] + "\n" for k in sorted(rows)))
+    os.replace(tmp, out / "manifest.jsonl")
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "corrupt": cmd_corrupt,
     "train-detector": cmd_train_detector,
     "tune": cmd_tune,
     "jobs": cmd_jobs,

@@ -11,11 +11,14 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from engines.models import DEMO, DEMO_NOTE
 from studio.store import NewImage, Store
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 SAMPLES_SESSION = "Samples"
+MASK_SOURCES = ("label regions", "detector regions", "region selector", "random blobs")
 TRAJECTORY = "trajectory"
 TRAJECTORY_NOTE = ("Experimental, training-free: how much the predicted clean image changed between late "
                    "denoising steps (after Menn et al., WACV 2025); not a trained detector.")
@@ -55,8 +58,12 @@ class Services:
     model_spec: str = DEMO
     device: str = "cpu"
     segmenter_spec: str = "superpixel"
+    active_detector: str = DEMO  # the Inspect tab's default detector ("Use this checkpoint" in Train sets it)
+    active_lora: str | None = None  # a LoRA folder offered in Generate
     _text2image: object | None = field(default=None, repr=False)
     _detectors: dict = field(default_factory=dict, repr=False)
+    _corruptor: object | None = field(default=None, repr=False)
+    _applied_lora: str | None = field(default=None, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     gpu_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -128,18 +135,73 @@ class Services:
             heatmaps=[(i, h.scores) for i, h in zip(image_ids, heatmaps)])
         return list(zip(image_ids, ids))
 
-    def save_generation(self, session_id: int, result) -> list:
+    def use_lora(self, lora_dir: str | None) -> None:
+        """Switch the text-to-image model's LoRA on (a folder) or off (None); reloads only on change.
+        Call under `gpu_lock` when a generation may be running."""
+        from engines.tune import apply_lora
+
+        lora_dir = (lora_dir or "").strip() or None
+        engine = self.text2image()
+        with self._lock:
+            if lora_dir != self._applied_lora:
+                apply_lora(engine.pipe, lora_dir)
+                self._applied_lora = lora_dir
+
+    def corruptor(self):
+        """The RegionCorruptor over the configured text-to-image model (inversions cached on disk)."""
+        from engines.corrupt import RegionCorruptor
+
+        engine = self.text2image()
+        with self._lock:
+            if self._corruptor is None:
+                self._corruptor = RegionCorruptor(engine.loaded, cache_dir=self.data_dir / "cache" / "inversions")
+            return self._corruptor
+
+    def corruption_mask(self, image_id: int, source: str, *, detector: str | None = None, threshold: float = 0.5,
+                        seed: int = 0) -> np.ndarray:
+        """A region to corrupt, bool[H, W] at the image's size, from one of MASK_SOURCES."""
+        from engines.corrupt import random_blob_mask
+
+        store = self.store
+        image = store.get_image(image_id)
+        if source == "label regions":
+            regions = store.label_state(image_id).regions
+            if not regions:
+                raise ValueError("This image has no labelled regions; label one, or choose another mask source.")
+            mask = np.zeros((image.height, image.width), bool)
+            for region in regions:
+                mask |= store.load_mask(region.mask_id)
+        elif source == "detector regions":
+            maps = [h for h in store.list_heatmaps(image_id) if h.family != TRAJECTORY]
+            if not maps:
+                raise ValueError("This image has no detector heatmap; run a detector in Inspect first.")
+            mask = store.load_heatmap(maps[0].id) >= threshold
+        elif source == "region selector":
+            if not detector:
+                raise ValueError("Give the region-selection model (a checkpoint folder trained in the Train tab).")
+            mask = self.detector(detector).predict([store.load_rgb(image_id)])[0].scores >= threshold
+        elif source == "random blobs":
+            mask = random_blob_mask(image.height, image.width, seed)
+        else:
+            raise ValueError(f"Unknown mask source '{source}'; use one of {', '.join(MASK_SOURCES)}.")
+        if not mask.any():
+            raise ValueError(f"The {source} mask is empty at threshold {threshold:.2f}; lower the threshold.")
+        return mask
+
+    def save_generation(self, session_id: int, result, lora: str | None = None) -> list:
         """Store a GenerationResult: one `generations` row and one image row per output, atomically;
         trajectory maps, when recorded, become a detector run named "trajectory"."""
         params = result.params.to_json()
         base = {k: v for k, v in params.items() if k not in ("num_images", "record_trajectory")}
+        if lora:
+            base["lora"] = lora
         images = [NewImage(rgb=img.rgb, source="generated", model_id=result.model_id,
                            params={**base, "seed": img.seed, "index": img.index, "width": result.width,
                                    "height": result.height, "demo": result.is_demo})
                   for img in result.images]
-        generation = {**base, "count": params["num_images"], "model_id": result.model_id,
+        generation = {**{k: v for k, v in base.items() if k != "lora"}, "count": params["num_images"], "model_id": result.model_id,
                       "width": result.width, "height": result.height, "duration_s": round(result.duration_s, 3),
-                      "params": {"demo": result.is_demo, "device": self.device}}
+                      "params": {"demo": result.is_demo, "device": self.device, "lora": lora}}
         records = self.store.add_images(session_id, images, generation=generation)
         maps = [(rec.id, img.trajectory) for rec, img in zip(records, result.images) if img.trajectory is not None]
         if maps:
@@ -177,3 +239,22 @@ def _spec_json(spec) -> dict:
 def default_taxonomy() -> list[dict]:
     """The 13 default artifact classes shipped in assets/taxonomy.json."""
     return json.loads((ASSETS_DIR / "taxonomy.json").read_text())["classes"]
+
+
+def fit_pair(rgb: np.ndarray, mask: np.ndarray, max_side: int | None, multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Resize (image Lanczos, mask nearest) so the longer side is at most `max_side`, then centre-crop
+    both to multiples of `multiple` — the same geometry as engines.corrupt.prepare_image."""
+    from PIL import Image
+
+    from engines.corrupt import prepare_image
+
+    if mask.shape != rgb.shape[:2]:
+        raise ValueError(f"Mask size {mask.shape[::-1]} does not match image size {rgb.shape[1::-1]}.")
+    out = prepare_image(rgb, multiple=multiple, max_side=max_side)
+    m = mask
+    if max_side is not None and max(rgb.shape[:2]) > max_side:
+        scale = max_side / max(rgb.shape[:2])
+        size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
+        m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) >= 128
+    top, left = (m.shape[0] - out.shape[0]) // 2, (m.shape[1] - out.shape[1]) // 2
+    return out, np.ascontiguousarray(m[top:top + out.shape[0], left:left + out.shape[1]])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from studio.tabs import generate, inspect, label, sessions
+from studio.tabs import corrupt, generate, inspect, label, sessions, train
 from studio.tabs.common import PerBrowser, Shared, bind, session_choices
 
 SESSION_STORAGE_KEY = "artifact-studio-current-session"
@@ -27,6 +27,10 @@ def build_ui(services) -> gr.Blocks:
                 inspect.build(services, shared, tab)
             with gr.Tab("Label", id="label") as tab:
                 label.build(services, shared, tab)
+            with gr.Tab("Corrupt", id="corrupt") as tab:
+                corrupt.build(services, shared, tab)
+            with gr.Tab("Train", id="train") as tab:
+                train.build(services, shared, tab)
             with gr.Tab("Sessions", id="sessions") as tab:
                 sessions.build(services, shared, tab)
         session.change(remember_session, inputs=[session], outputs=[browser_session], queue=False)

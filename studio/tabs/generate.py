@@ -28,6 +28,10 @@ def build(services, shared: Shared, tab: gr.Tab) -> None:
                 default_w, default_h = _default_size(services)
                 trajectory = gr.Checkbox(value=False, label="Record trajectory map (experimental, shown in Inspect)")
                 with gr.Row():
+                    use_lora = gr.Checkbox(value=False, label="Use LoRA", elem_id="generate-use-lora")
+                    lora = gr.Textbox(label="LoRA folder (Train: 'Use this checkpoint' fills it)", scale=3,
+                                      elem_id="generate-lora")
+                with gr.Row():
                     width = gr.Slider(label="Width", minimum=64, maximum=2048, step=8, value=default_w)
                     height = gr.Slider(label="Height", minimum=64, maximum=2048, step=8, value=default_h)
             with gr.Row():
@@ -38,17 +42,19 @@ def build(services, shared: Shared, tab: gr.Tab) -> None:
             gallery = gr.Gallery(label="Generated in this session (newest first)", columns=3, height=560,
                                  elem_id="generate-gallery", interactive=False)
 
-    inputs = [shared.session, prompt, negative, seed, steps, guidance, width, height, count, trajectory]
+    inputs = [shared.session, prompt, negative, seed, steps, guidance, width, height, count, trajectory, use_lora, lora]
     run.click(bind(generate_images, services, shared), inputs=inputs, outputs=[gallery, status],
               concurrency_id=GPU, concurrency_limit=1)
     stop.click(bind(stop_generation, shared), inputs=None, outputs=[status], queue=False)
     shared.session.change(bind(show_generated, services), inputs=[shared.session], outputs=[gallery])
     tab.select(bind(show_generated, services), inputs=[shared.session], outputs=[gallery])
+    tab.select(bind(active_lora, services), inputs=[lora], outputs=[lora])
 
 
 @user_errors
 def generate_images(services, shared: Shared, session_id, prompt: str, negative_prompt: str, seed, steps,
-                    guidance, width, height, count, record_trajectory: bool = False, request: gr.Request = None,
+                    guidance, width, height, count, record_trajectory: bool = False, use_lora: bool = False,
+                    lora_dir: str = "", request: gr.Request = None,
                     progress=gr.Progress()):
     """Run the engine, store every image with its parameters, return the session's gallery."""
     sid = require_session(session_id)
@@ -66,15 +72,24 @@ def generate_images(services, shared: Shared, session_id, prompt: str, negative_
     def report(step: int, total: int) -> None:
         progress((step, total), desc="Denoising", unit="steps")
 
+    lora_dir = (lora_dir or "").strip() if use_lora else ""
+    if use_lora and not lora_dir:
+        raise ValueError("Give the LoRA folder, or untick Use LoRA.")
     try:
         with services.gpu_lock:
+            services.use_lora(lora_dir or None)
             result = engine.generate(params, progress=report, should_stop=stop_flag.is_set)
     except Cancelled:
         return show_generated(services, sid), "Stopped; nothing was saved."
-    records = services.save_generation(sid, result)
+    records = services.save_generation(sid, result, lora=lora_dir or None)
     note = " (demo model: not a meaningful image)" if result.is_demo else ""
     status = f"Saved {len(records)} image(s) in {result.duration_s:.1f} s{note}."
     return show_generated(services, sid), status
+
+
+def active_lora(services, current: str) -> str:
+    """Keep what the user typed; otherwise offer the LoRA chosen in Train."""
+    return current or services.active_lora or ""
 
 
 def stop_generation(shared: Shared, request: gr.Request = None) -> str:

@@ -69,6 +69,7 @@ def build(services, shared: Shared, tab: gr.Tab) -> None:
     shown = [slider, regions, chosen]
     shared.session.change(bind(show_images, services), inputs=[shared.session], outputs=[gallery])
     tab.select(bind(show_images, services), inputs=[shared.session], outputs=[gallery])
+    tab.select(bind(active_detector, services), outputs=[spec])
     gallery.select(bind(open_image, services, shared), inputs=[shared.session, *look],
                    outputs=[heatmap_choice, *shown, status])
     upload.upload(bind(upload_images, services), inputs=[shared.session, upload], outputs=[gallery, status, upload])
@@ -128,10 +129,17 @@ def open_image(services, shared: Shared, session_id, alpha, threshold, colormap,
             f"Image #{view.image_id} ({view.rgb.shape[1]}x{view.rgb.shape[0]}).{note}")
 
 
+def active_detector(services) -> str:
+    """The detector spec last loaded here or chosen in Train ("Use this checkpoint")."""
+    return services.active_detector
+
+
 @user_errors
 def load_detector(services, spec: str, progress=gr.Progress()) -> str:
     progress(0, desc="Loading detector")
-    return _detector_info(services.detector(spec))
+    info = _detector_info(services.detector(spec))
+    services.active_detector = (spec or "demo").strip()
+    return info
 
 
 @user_errors

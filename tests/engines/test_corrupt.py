@@ -1,0 +1,456 @@
+"""engines.corrupt on the tiny demo pipeline: inversion (DDIM, ReNoise), eq. 3-5, baselines, cache, metrics.
+
+Small on purpose: 64x64 images (8x8 latents), N=10 steps, k=2..4 inverted steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from engines.corrupt import (BASELINES, METHODS, Cancelled, CorruptParams, RegionCorruptor, corrupted_latent,
+                             latent_mask, measure, prepare_image, random_blob_mask, seeded_noise)
+
+N, K = 10, 4
+
+
+def params(**overrides) -> CorruptParams:
+    base = dict(num_inference_steps=N, inversion_steps=K)
+    return CorruptParams(**{**base, **overrides})
+
+
+def wrap(pipe, model_id="demo"):
+    from engines.models import LoadedModel
+
+    return LoadedModel(model=pipe, kind="text2image", model_id=model_id, path=None, is_demo=True, device="cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The 8x8-latent models run fastest on one thread, and far slower than that with two threads
+    on two shared, busy cores; the previous setting is restored after this module."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def demo():
+    from engines.models import build_demo_pipeline
+
+    return wrap(build_demo_pipeline(0))
+
+
+@pytest.fixture(scope="session")
+def zeroed():
+    """The demo pipeline with the UNet's conv_out zeroed: eps == 0, so DDIM inversion is exact."""
+    import torch
+
+    from engines.models import build_demo_pipeline
+
+    pipe = build_demo_pipeline(0)
+    with torch.no_grad():
+        pipe.unet.conv_out.weight.zero_()
+        pipe.unet.conv_out.bias.zero_()
+    return wrap(pipe)  # the same model id as `demo`: only the weight fingerprint tells them apart
+
+
+@pytest.fixture(scope="session")
+def image() -> np.ndarray:
+    from PIL import Image
+    from skimage import data
+
+    return np.asarray(Image.fromarray(data.astronaut()).resize((64, 64), Image.LANCZOS))
+
+
+@pytest.fixture
+def corruptor(demo):
+    return RegionCorruptor(demo)
+
+
+def box_mask(top=16, left=16, size=24, shape=(64, 64)) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    mask[top:top + size, left:left + size] = True
+    return mask
+
+
+class UnetRows:
+    """Counts latents passed through the UNet, through a real forward pre-hook."""
+
+    def __init__(self, unet):
+        self.rows = 0
+        self._handle = unet.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.rows += int(args[0].shape[0])
+
+    def remove(self):
+        self._handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# Inversion
+
+def test_renoise_reconstructs_better_than_plain_ddim(demo, image, capsys):
+    corruptor = RegionCorruptor(demo)
+    ddim = corruptor.reconstruction_error(image, params(method="ddim"))
+    renoise = corruptor.reconstruction_error(image, params(method="renoise", renoise_iterations=3))
+    with capsys.disabled():
+        print(f"\nreconstruction N={N} k={K}: ddim {ddim}\n  renoise(3) {renoise}")
+    assert renoise["latent_mae"] < 0.5 * ddim["latent_mae"]
+    assert renoise["inversion_mae"] < ddim["inversion_mae"]
+    assert renoise["inversion_psnr"] > ddim["inversion_psnr"]
+    assert ddim["unet_calls"] == K + K  # k inversion + k resampling
+    assert renoise["unet_calls"] == K * (1 + 3) + K
+    assert ddim["vae_mae"] == renoise["vae_mae"]  # the same floor: decode(encode(image))
+
+
+@pytest.mark.parametrize("method", ["ddim", "renoise"])
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_zeroed_unet_makes_invert_then_resample_exact(zeroed, image, method, guidance):
+    corruptor = RegionCorruptor(zeroed)
+    p = params(method=method, guidance_scale=guidance, inversion_guidance_scale=guidance, prompt="a cat")
+    inversion = corruptor.invert(image, p)
+    assert not np.allclose(inversion.zt.numpy(), inversion.z0.numpy(), atol=1e-3)  # z_t is a real step away
+    back = corruptor.resample_latent(inversion.zt, inversion, p)
+    assert np.allclose(back.numpy(), inversion.z0.numpy(), atol=1e-5, rtol=0)
+
+
+def test_schedule_and_resampling_match_diffusers_ddim(demo, image, corruptor):
+    import torch
+    from diffusers import DDIMScheduler
+
+    p = params(method="ddim")
+    inversion = corruptor.invert(image, p)
+    scheduler = DDIMScheduler.from_config(demo.model.scheduler.config)
+    scheduler.set_timesteps(N)
+    expected = [int(t) for t in scheduler.timesteps]
+    assert inversion.timestep == expected[N - K] and inversion.step_index == N - K
+    assert list(inversion.timesteps) == expected[N - K:]
+    assert inversion.alpha_t == pytest.approx(float(scheduler.alphas_cumprod[inversion.timestep]))
+
+    start = seeded_noise(inversion.zt.shape, 3)
+    ours = corruptor.resample_latent(start, inversion, p)
+    unet = demo.model.unet
+    with torch.inference_mode():
+        emb, _ = demo.model.encode_prompt("", "cpu", 1, False)
+        z = start.clone()
+        for t in expected[N - K:]:
+            eps = unet(z, t, encoder_hidden_states=emb).sample
+            z = scheduler.step(eps, t, z, eta=0.0).prev_sample
+    assert np.allclose(ours.numpy(), z.numpy(), atol=1e-5, rtol=0)
+
+
+def test_unet_call_counter_matches_a_forward_hook(demo, image):
+    corruptor = RegionCorruptor(demo)
+    hook = UnetRows(demo.model.unet)
+    try:
+        result = corruptor.corrupt(image, box_mask(), params(renoise_iterations=2, guidance_scale=2.0, prompt="x"))
+    finally:
+        hook.remove()
+    assert result.unet_calls == corruptor.unet_calls == hook.rows == K * (1 + 2) + 2 * K
+
+
+def test_noise_regularisation_runs_with_gradients_on_eps_only(demo, image):
+    import torch
+
+    corruptor = RegionCorruptor(demo)
+    plain = corruptor.invert(image, params(inversion_steps=2, renoise_iterations=2))
+    p = params(inversion_steps=2, renoise_iterations=2, lambda_ac=20.0, lambda_kl=0.065)
+    regularised = corruptor.invert(image, p)
+    assert regularised.key != plain.key
+    assert regularised.unet_calls == 2 * (1 + 2 + 1)  # + one KL reference prediction per step
+    assert torch.isfinite(regularised.zt).all() and not torch.equal(regularised.zt, plain.zt)
+    assert all(not param.requires_grad or param.grad is None for param in demo.model.unet.parameters())
+    again = RegionCorruptor(demo).invert(image, p)  # fixed-seed rolls: a pure function of the key
+    assert torch.equal(again.zt, regularised.zt)
+
+
+def test_average_window_is_part_of_the_inversion(corruptor, image):
+    import torch
+
+    every = corruptor.invert(image, params(renoise_iterations=3))
+    last = corruptor.invert(image, params(renoise_iterations=3, average_last=1))
+    assert every.key != last.key and not torch.equal(every.zt, last.zt)
+    assert every.unet_calls == last.unet_calls == K * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Corruption
+
+def test_corrupted_latent_keeps_zt_outside_and_follows_eq3_inside(corruptor, image):
+    import torch
+
+    p = params(seed=11)
+    inversion = corruptor.invert(image, p)
+    cells = latent_mask(box_mask(), "area")
+    latent = corrupted_latent(inversion, cells, p)
+    m = torch.from_numpy(cells)[None, None].expand_as(latent)
+    assert torch.equal(latent[~m], inversion.zt[~m])
+    eps = seeded_noise(inversion.zt.shape, 11)
+    a = inversion.alpha_t
+    expected = math.sqrt(a) * inversion.z0 + math.sqrt(1 - a) * eps
+    assert torch.allclose(latent[m], expected[m], atol=1e-6, rtol=0)
+    assert not torch.allclose(latent[m], inversion.zt[m], atol=1e-2)
+
+
+def test_baseline_latents(corruptor, image):
+    import torch
+
+    inversion = corruptor.invert(image, params())
+    cells = np.zeros((8, 8), bool)
+    cells[2:5, 3:6] = True  # a square box: rotate is an exact rot90 of the patch
+    m = torch.from_numpy(cells)[None, None].expand_as(inversion.zt)
+    rotated = corrupted_latent(inversion, cells, params(method="rotate"))
+    assert torch.equal(rotated[..., 2:5, 3:6], torch.rot90(inversion.zt[..., 2:5, 3:6], 1, dims=(-2, -1)))
+    gaussian = corrupted_latent(inversion, cells, params(method="gaussian", seed=4))
+    assert torch.equal(gaussian[m], seeded_noise(inversion.zt.shape, 4)[m])
+    direct = corrupted_latent(inversion, cells, params(method="direct"))
+    assert torch.equal(direct[~m], inversion.z0[~m])
+    for method in ("rotate", "gaussian", "downscale"):
+        latent = corrupted_latent(inversion, cells, params(method=method))
+        assert torch.equal(latent[~m], inversion.zt[~m]), method
+
+
+def test_same_seed_same_pixels_other_seed_differs_inside(corruptor, image):
+    mask = box_mask()
+    first = corruptor.corrupt(image, mask, params(seed=1))
+    second = corruptor.corrupt(image, mask, params(seed=1))
+    other = corruptor.corrupt(image, mask, params(seed=2))
+    assert np.array_equal(first.image, second.image)
+    assert first.image.shape == (64, 64, 3) and first.image.dtype == np.uint8
+    change = measure(first.image, other.image, mask)
+    assert change.inside > 2.0 and change.inside > change.outside
+    assert first.params.seed == 1 and other.params.seed == 2
+    assert np.array_equal(first.mask, mask) and first.latent_mask.shape == (8, 8)
+
+
+def test_result_metrics_are_measured_against_the_input(corruptor, image):
+    mask = box_mask()
+    result = corruptor.corrupt(image, mask, params())
+    stats = measure(image, result.image, mask)
+    assert (result.inside_change, result.outside_change, result.confinement) == (stats.inside, stats.outside, stats.confinement)
+    assert result.seconds > 0
+
+
+def test_paste_back_restores_every_pixel_outside_the_mask(corruptor, image):
+    mask = box_mask()
+    result = corruptor.corrupt(image, mask, params(paste_back=True))
+    assert np.array_equal(result.image[~mask], image[~mask])
+    assert result.outside_change == 0.0 and math.isinf(result.confinement)
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_every_baseline_runs_with_the_right_shape(demo, image, method):
+    corruptor = RegionCorruptor(demo)
+    mask = box_mask()
+    corruptor.invert(image, params())  # warm: baselines share the ReNoise inversion
+    result = corruptor.corrupt(image, mask, params(method=method, seed=3))
+    assert result.image.shape == image.shape and result.image.dtype == np.uint8
+    expected = {"direct": 0, "blur": K * 2 + K}.get(method, K)  # blur also inverts the blurred image
+    assert result.unet_calls == expected
+    assert not np.array_equal(result.image, corruptor.corrupt(image, mask, params(method="renoise", seed=3)).image)
+
+
+def test_preview_batches_seeds_like_single_calls(demo, image):
+    corruptor = RegionCorruptor(demo)
+    mask = box_mask()
+    results = corruptor.preview(image, mask, params(), seeds=[5, 6, 7])
+    assert [r.params.seed for r in results] == [5, 6, 7]
+    assert sum(r.unet_calls for r in results) == corruptor.unet_calls == K * 2 + 3 * K
+    assert [r.unet_calls for r in results[1:]] == [K, K]
+    single = corruptor.corrupt(image, mask, params(seed=6))
+    assert single.cache_hit and single.unet_calls == K
+    assert np.abs(single.image.astype(int) - results[1].image.astype(int)).max() <= 1  # batched vs alone
+    assert not np.array_equal(results[0].image, results[2].image)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_second_corrupt_costs_only_the_resampling(demo, image, tmp_path, guidance):
+    cfg = 2 if guidance > 1 else 1
+    corruptor = RegionCorruptor(demo, cache_dir=tmp_path)
+    first = corruptor.corrupt(image, box_mask(), params(guidance_scale=guidance, prompt="a cat"))
+    assert not first.cache_hit and first.unet_calls == K * 2 + K * cfg
+    second = corruptor.corrupt(image, box_mask(8, 30, 16), params(seed=9, method="gaussian", guidance_scale=guidance,
+                                                                   prompt="a cat", mask_mode="any"))
+    assert second.cache_hit and second.unet_calls == K * cfg
+    assert corruptor.inversions_computed == 1 and corruptor.memory_hits == 1
+
+    fresh = RegionCorruptor(demo, cache_dir=tmp_path)  # a restart: the disk cache answers
+    third = fresh.corrupt(image, box_mask(), params(seed=4, guidance_scale=guidance, prompt="a cat"))
+    assert third.cache_hit and third.unet_calls == K * cfg
+    assert fresh.inversions_computed == 0 and fresh.disk_hits == 1 and fresh.cache_hits == 1
+
+
+def test_disk_entry_is_exact_and_a_corrupt_file_is_recomputed(demo, image, tmp_path):
+    import torch
+
+    p = params()
+    original = RegionCorruptor(demo, cache_dir=tmp_path).invert(image, p)
+    path = tmp_path / f"{original.key}.safetensors"
+    assert path.is_file() and not list(tmp_path.glob(".*tmp*"))
+    loaded = RegionCorruptor(demo, cache_dir=tmp_path).invert(image, p)
+    assert loaded.source == "disk" and torch.equal(loaded.zt, original.zt) and torch.equal(loaded.z0, original.z0)
+    assert (loaded.timestep, loaded.timesteps, loaded.alpha_t) == (original.timestep, original.timesteps, original.alpha_t)
+
+    path.write_bytes(b"not a safetensors file")
+    again = RegionCorruptor(demo, cache_dir=tmp_path)
+    recomputed = again.invert(image, p)
+    assert recomputed.source == "computed" and again.inversions_computed == 1 and len(again.cache_problems) == 1
+    assert torch.equal(recomputed.zt, original.zt)
+    assert RegionCorruptor(demo, cache_dir=tmp_path).invert(image, p).source == "disk"  # rewritten
+
+
+def test_cache_key_tracks_what_the_inversion_depends_on(demo, zeroed, image, corruptor):
+    key = corruptor.cache_key(image, params())
+    assert corruptor.cache_key(image, params(seed=5, method="rotate", guidance_scale=4, mask_mode="any")) == key
+    other_image = image.copy()
+    other_image[0, 0, 0] ^= 1
+    for different in (corruptor.cache_key(other_image, params()), corruptor.cache_key(image, params(prompt="a cat")),
+                      corruptor.cache_key(image, params(inversion_steps=3)), corruptor.cache_key(image, params(method="ddim")),
+                      corruptor.cache_key(image, params(renoise_iterations=2)),
+                      corruptor.cache_key(image, params(inversion_guidance_scale=2.0)),
+                      RegionCorruptor(zeroed).cache_key(image, params())):
+        assert different != key
+    ddim = corruptor.cache_key(image, params(method="ddim"))
+    assert corruptor.cache_key(image, params(method="ddim", renoise_iterations=4)) == ddim
+
+
+def test_model_key_sees_a_change_inside_the_unet(image):
+    """A fused LoRA changes attention weights only: the fingerprint samples every weight tensor."""
+    import torch
+
+    from engines.models import build_demo_pipeline
+
+    pipe = build_demo_pipeline(0)
+    before = RegionCorruptor(wrap(pipe)).cache_key(image, params())
+    name, weight = next((n, p) for n, p in pipe.unet.named_parameters() if "attn1.to_q" in n)
+    with torch.no_grad():
+        weight.add_(1e-3)
+    assert RegionCorruptor(wrap(pipe)).cache_key(image, params()) != before, name
+
+
+def test_memory_cache_is_an_lru(demo, image):
+    corruptor = RegionCorruptor(demo, memory_entries=2)
+    for k in (2, 3, 4):
+        corruptor.invert(image, params(inversion_steps=k))
+    assert corruptor.invert(image, params(inversion_steps=4)).source == "memory"
+    assert corruptor.invert(image, params(inversion_steps=2)).source == "computed"  # evicted
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks and measurements (no model)
+
+def test_mask_modes_on_a_hand_made_mask():
+    mask = np.zeros((16, 16), bool)
+    mask[0:8, 0:8] = True  # cell (0, 0): all 64 pixels
+    mask[0:5, 8:16] = True  # cell (0, 1): 40 of 64 (>= 1/2), centre pixel (4, 12) is covered
+    mask[4, 12] = False  # ... now 39 and the centre is not
+    mask[15, 0] = True  # cell (1, 0): one corner pixel
+    mask[8:12, 8:16] = True  # cell (1, 1): exactly 32 of 64 and the centre (12, 12) is not covered
+    assert latent_mask(mask, "area").tolist() == [[True, True], [False, True]]
+    assert latent_mask(mask, "nearest").tolist() == [[True, False], [False, False]]
+    assert latent_mask(mask, "any").tolist() == [[True, True], [True, True]]
+    with pytest.raises(ValueError, match="mask_mode"):
+        latent_mask(mask, "bilinear")
+
+
+def test_measure_on_a_hand_case():
+    original = np.zeros((4, 4, 3), np.uint8)
+    corrupted = original.copy()
+    mask = np.zeros((4, 4), bool)
+    mask[:2, :2] = True
+    corrupted[:2, :2] = 100  # inside: 4 pixels changed by 100 in every channel
+    corrupted[3, 3, 0] = 30  # outside: 12 pixels, one channel of one pixel changed by 30
+    stats = measure(original, corrupted, mask)
+    assert stats.inside == 100.0
+    assert stats.outside == pytest.approx(10.0 / 12.0)
+    assert stats.confinement == pytest.approx(120.0)
+    assert math.isinf(measure(original, np.where(mask[..., None], 7, original).astype(np.uint8), mask).confinement)
+    assert measure(original, original, mask).confinement == 1.0
+
+
+def test_random_blob_mask_is_seeded_smooth_and_sized():
+    a, b = random_blob_mask(128, 96, seed=3), random_blob_mask(128, 96, seed=3)
+    assert a.dtype == np.bool_ and a.shape == (128, 96) and np.array_equal(a, b)
+    assert not np.array_equal(a, random_blob_mask(128, 96, seed=4))
+    for seed in range(8):
+        fraction = random_blob_mask(128, 128, seed=seed).mean()
+        assert 0.015 <= fraction <= 0.16
+    with pytest.raises(ValueError, match="coverage"):
+        random_blob_mask(64, 64, 0, coverage=(0.5, 0.2))
+
+
+def test_prepare_image_crops_or_resizes_to_a_multiple_of_eight():
+    rgb = np.random.default_rng(0).integers(0, 256, (70, 67, 3), dtype=np.uint8)
+    out = prepare_image(rgb)
+    assert out.shape == (64, 64, 3) and np.array_equal(out, rgb[3:67, 1:65])
+    small = prepare_image(np.zeros((300, 200, 3), np.uint8), max_side=100)
+    assert small.shape == (96, 64, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and cancel
+
+def test_bad_input_raises_one_sentence(corruptor, image):
+    cases = [
+        (lambda: corruptor.corrupt(image, np.zeros((32, 32), bool), params()), "must match"),
+        (lambda: corruptor.corrupt(image, np.zeros((64, 64), bool), params()), "empty"),
+        (lambda: corruptor.corrupt(image, box_mask().astype(np.uint8), params()), "bool"),
+        (lambda: corruptor.corrupt(image[:60, :60], box_mask(shape=(60, 60)), params()), "multiples of 8"),
+        (lambda: corruptor.corrupt(image, box_mask(), params(inversion_steps=N)), "less than"),
+        (lambda: corruptor.corrupt(image, box_mask(), params(method="sdedit")), "Unknown method"),
+        (lambda: corruptor.corrupt(image, box_mask(0, 0, 3), params()), "no latent cell"),
+        (lambda: corruptor.preview(image, box_mask(), params(), seeds=[]), "seeds"),
+        (lambda: corruptor.invert(image.astype(np.float32), params()), "uint8"),
+        (lambda: corruptor.invert(image, params(average_last=3)), "average_last"),
+    ]
+    for call, words in cases:
+        with pytest.raises(ValueError, match=words) as info:
+            call()
+        text = str(info.value)
+        assert "\n" not in text and text.endswith(".") and text.count(". ") == 0, text
+
+
+def test_should_stop_cancels_and_caches_nothing(demo, image, tmp_path):
+    corruptor = RegionCorruptor(demo, cache_dir=tmp_path)
+    seen = []
+
+    def stop_after_two():
+        return len(seen) >= 2
+
+    with pytest.raises(Cancelled):
+        corruptor.corrupt(image, box_mask(), params(), progress=lambda step, total: seen.append((step, total)),
+                          should_stop=stop_after_two)
+    assert seen == [(1, 2 * K), (2, 2 * K)]
+    assert not list(tmp_path.iterdir()) and corruptor.invert(image, params()).source == "computed"
+    with pytest.raises(Cancelled):
+        corruptor.corrupt(image, box_mask(), params(), should_stop=lambda: True)
+
+
+def test_progress_counts_inversion_and_resampling_steps(corruptor, image):
+    seen = []
+    corruptor.corrupt(image, box_mask(), params(), progress=lambda step, total: seen.append((step, total)))
+    assert seen == [(i, 2 * K) for i in range(1, 2 * K + 1)]
+    seen.clear()
+    corruptor.corrupt(image, box_mask(), params(seed=3), progress=lambda step, total: seen.append((step, total)))
+    assert seen == [(i, K) for i in range(1, K + 1)]  # cached inversion: resampling only
+
+
+def test_params_are_frozen_and_defaults_follow_the_paper():
+    p = CorruptParams()
+    assert (p.num_inference_steps, p.inversion_steps, p.method, p.renoise_iterations) == (50, 10, "renoise", 1)
+    assert (p.guidance_scale, p.inversion_guidance_scale, p.mask_mode, p.paste_back) == (1.0, 1.0, "area", False)
+    assert (p.lambda_ac, p.lambda_kl, p.num_reg_steps, p.num_reg_rolls) == (0.0, 0.0, 4, 5)
+    assert set(METHODS) == {"renoise", "ddim", "blur", "rotate", "gaussian", "downscale", "direct"}
+    p.validate()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.seed = 3
