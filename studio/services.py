@@ -147,6 +147,14 @@ class Services:
                 apply_lora(engine.pipe, lora_dir)
                 self._applied_lora = lora_dir
 
+    def repair(self, image: np.ndarray, detector_spec: str, params, *, mask: np.ndarray | None = None,
+               progress=None, should_stop=None):
+        """engines.repair.repair with this studio's detector and text-to-image (or inpainting) model."""
+        from engines.repair import repair
+
+        return repair(image, self.detector(detector_spec), self.text2image().loaded, params, mask=mask,
+                      progress=progress, should_stop=should_stop)
+
     def corruptor(self):
         """The RegionCorruptor over the configured text-to-image model (inversions cached on disk)."""
         from engines.corrupt import RegionCorruptor

@@ -28,6 +28,7 @@ class View:
     rgb: np.ndarray | None = None
     heatmap_id: int | None = None
     scores: np.ndarray | None = None
+    repair: object | None = None  # the last RepairResult for this image
 
 
 def build(services, shared: Shared, tab: gr.Tab) -> None:
@@ -62,8 +63,27 @@ def build(services, shared: Shared, tab: gr.Tab) -> None:
                 contours = gr.Checkbox(value=True, label="Region contours")
             regions = gr.Dataframe(headers=REGION_HEADERS, label="Regions (highest score first)", interactive=False,
                                    elem_id="inspect-regions")
-            chosen = gr.CheckboxGroup(label="Regions to send", choices=[], elem_id="inspect-chosen")
+            chosen = gr.CheckboxGroup(label="Regions to send or repair (none ticked = all above the threshold)",
+                                      choices=[], elem_id="inspect-chosen")
             send = gr.Button("Send chosen regions to Label as draft masks", elem_id="inspect-send")
+            with gr.Accordion("Repair: detect → mask → inpaint → re-score", open=False):
+                with gr.Row():
+                    grow = gr.Slider(0, 64, value=8, step=1, label="Grow mask (px)")
+                    feather = gr.Slider(0, 32, value=4, step=1, label="Feather (px)")
+                    strength = gr.Slider(0.1, 1.0, value=0.75, step=0.05, label="Strength")
+                with gr.Row():
+                    repair_seeds = gr.Textbox(value="0,1,2", label="Seeds")
+                    repair_steps = gr.Slider(2, 100, value=20, step=1, label="Steps")
+                    repair_prompt = gr.Textbox(label="Prompt (default: the image's prompt)")
+                repair = gr.Button("Repair", variant="primary", elem_id="inspect-repair")
+                candidates = gr.Gallery(label="Candidates (best first)", columns=3, height=260,
+                                        elem_id="inspect-candidates", interactive=False)
+                pick = gr.Radio([], label="Candidate", elem_id="inspect-candidate")
+                heat_sides = gr.Checkbox(value=False, label="Show heatmaps on both sides")
+                repair_slider = gr.ImageSlider(label="Before | after", type="numpy", elem_id="inspect-repair-slider",
+                                               height=420)
+                keep = gr.Button("Keep this candidate", elem_id="inspect-keep")
+                repair_status = gr.Markdown(elem_id="inspect-repair-status")
 
     look = [alpha, threshold, colormap, only_above, contours]
     shown = [slider, regions, chosen]
@@ -84,6 +104,12 @@ def build(services, shared: Shared, tab: gr.Tab) -> None:
     for control in look:
         control.change(bind(rerender, services, shared), inputs=look, outputs=shown, queue=False)
     send.click(bind(send_to_label, services, shared), inputs=[chosen, threshold], outputs=[status])
+    repair.click(bind(run_repair, services, shared),
+                 inputs=[chosen, threshold, grow, feather, strength, repair_seeds, repair_steps, repair_prompt, heat_sides],
+                 outputs=[candidates, pick, repair_slider, repair_status], concurrency_id=GPU, concurrency_limit=1)
+    pick.input(bind(show_candidate, shared), inputs=[pick, heat_sides], outputs=[repair_slider])
+    heat_sides.change(bind(show_candidate, shared), inputs=[pick, heat_sides], outputs=[repair_slider])
+    keep.click(bind(keep_candidate, services, shared), inputs=[pick], outputs=[repair_status])
 
 
 def show_images(services, session_id):
@@ -223,6 +249,80 @@ def send_to_label(services, shared: Shared, chosen: list, threshold, request: gr
     if not sent:
         raise ValueError("The chosen regions changed with the threshold; tick them again.")
     return f"Sent {sent} region(s) to Label as draft masks."
+
+
+@user_errors
+def run_repair(services, shared: Shared, chosen: list, threshold, grow, feather, strength, seeds_text, steps, prompt,
+               heat_sides, request: gr.Request = None, progress=gr.Progress()):
+    """Repair the chosen regions (or everything above the threshold) of the open image; rank by the detector."""
+    from engines.repair import RepairParams
+
+    view = _view(shared, request)
+    if view.image_id is None or view.scores is None:
+        raise ValueError("Open an image and run a detector first.")
+    found, labels = find_regions(view.scores, float(threshold))
+    names = {str(c).split(" ")[0] for c in (chosen or [])}
+    mask = np.isin(labels, [r.label for r in found if f"R{r.label}" in names]) if names else labels > 0
+    if not mask.any():
+        raise ValueError("No region to repair at this threshold; lower it or tick regions.")
+    try:
+        seeds = tuple(int(x) for x in (seeds_text or "0").replace(" ", "").split(",") if x)
+    except ValueError:
+        raise ValueError(f"Seeds must be whole numbers separated by commas, got '{seeds_text}'.") from None
+    record = services.store.get_image(view.image_id)
+    params = RepairParams(threshold=float(threshold), grow=int(grow), feather=int(feather), seeds=seeds,
+                          num_inference_steps=int(steps), strength=float(strength),
+                          prompt=(prompt or "").strip() or str(record.params.get("prompt", "") or ""))
+    heatmap = next((h for h in services.store.list_heatmaps(view.image_id) if h.id == view.heatmap_id), None)
+    spec = heatmap.detector_id if heatmap is not None and heatmap.family != "trajectory" else services.active_detector
+
+    def report(step: int, total: int) -> None:
+        progress((step, total), desc="Inpainting candidates")
+
+    with services.gpu_lock:
+        result = services.repair(view.rgb, spec, params, mask=mask, progress=report)
+    view.repair = result
+    items = [(c.image, f"seed {c.seed} · artifact area {100 * c.artifact_area_before:.1f}% → "
+                       f"{100 * c.artifact_area_after:.1f}% · outside change {c.outside_max_change}")
+             for c in result.candidates]
+    choices = [f"{i + 1} (seed {c.seed})" for i, c in enumerate(result.candidates)]
+    best = result.candidates[0]
+    status = (f"Detector `{spec}`: artifact area in the region {100 * best.artifact_area_before:.1f}% before, "
+              f"{100 * best.artifact_area_after:.1f}% after (best, seed {best.seed}); pixels outside the grown mask "
+              f"changed by at most {best.outside_max_change}.")
+    if services.uses_demo_model:
+        status += " Demo model: the inpainting is not a meaningful image."
+    return items, gr.Radio(choices=choices, value=choices[0]), _pair(view, 0, heat_sides), status
+
+
+@user_errors
+def show_candidate(shared: Shared, choice, heat_sides, request: gr.Request = None):
+    view = _view(shared, request)
+    if view.repair is None or not choice:
+        return gr.ImageSlider()
+    return _pair(view, int(str(choice).split(" ")[0]) - 1, heat_sides)
+
+
+@user_errors
+def keep_candidate(services, shared: Shared, choice, request: gr.Request = None) -> str:
+    """Store the chosen candidate as a new image (provenance `repaired`, parent = the original)."""
+    view = _view(shared, request)
+    if view.repair is None or not choice:
+        raise ValueError("Run Repair first and choose a candidate.")
+    c = view.repair.candidates[int(str(choice).split(" ")[0]) - 1]
+    record = services.store.get_image(view.image_id)
+    rec = services.store.add_images(record.session_id, [NewImage(
+        rgb=c.image, source="repaired", parent_id=record.id, model_id=services.model_spec,
+        params={"seed": c.seed, "artifact_area_before": c.artifact_area_before,
+                "artifact_area_after": c.artifact_area_after, "outside_max_change": c.outside_max_change})])[0]
+    return f"Kept as image #{rec.id} (repaired from #{record.id})."
+
+
+def _pair(view: View, index: int, heat_sides: bool):
+    c = view.repair.candidates[index]
+    if heat_sides:
+        return (render_overlay(view.rgb, view.repair.original_heatmap), render_overlay(c.image, c.heatmap))
+    return (view.rgb, c.image)
 
 
 def _view(shared: Shared, request) -> View:

@@ -42,3 +42,22 @@ def test_detect_then_threshold_changes_overlay(studio, page):
     page.wait_for_function("document.querySelectorAll('#inspect-gallery img').length >= 5")
     page.locator("#inspect-gallery img").nth(1).click()
     expect(page.locator("#inspect-heatmap-choice input")).to_have_value(__import__("re").compile("demo"))
+
+
+def test_repair_shows_candidates_and_slider(studio, page):
+    url, data_dir = studio
+    page.goto(url)
+    expect(page.locator("#current-session input")).to_have_value("Samples")
+    page.get_by_role("tab", name="Inspect").click()
+    page.wait_for_function("document.querySelectorAll('#inspect-gallery img').length >= 5")
+    page.locator("#inspect-gallery img").nth(2).click()
+    page.locator("#inspect-run").click()
+    page.get_by_text("Stored 1 heatmap(s).").wait_for()
+    page.get_by_text("Repair: detect → mask → inpaint → re-score").click()
+    page.get_by_label("Seeds").last.fill("0,1")
+    page.locator("#inspect-repair").click()
+    page.wait_for_function("document.querySelectorAll('#inspect-candidates img').length >= 2", timeout=240_000)
+    page.wait_for_function("document.querySelectorAll('#inspect-repair-slider img').length >= 2")
+    expect(page.locator("#inspect-repair-status")).to_contain_text("changed by at most 0")
+    page.locator("#inspect-keep").click()
+    expect(page.locator("#inspect-repair-status")).to_contain_text("Kept as image")

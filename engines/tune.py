@@ -1,0 +1,517 @@
+"""Detector-guided LoRA tuning of a diffusion UNet (DiffDoctor stage 2), and switching a LoRA on/off.
+
+`tune_lora(config, loaded, detector, prompts, out_dir)` adds LoRA adapters (peft, through diffusers'
+PEFT integration) to the attention projections of the pipeline's UNet and trains only them so that
+the frozen artifact detector sees fewer artifacts in what the model generates. Each step:
+
+1. Pick a prompt with a generator seeded by (seed, step); draw the initial latent from a CPU
+   generator seeded by (seed, step) as well, so a run is a pure function of its config and inputs.
+2. Run the denoising loop by hand with a copy of the pipeline's scheduler (`num_inference_steps`
+   steps): the first N - K steps under `torch.no_grad()`, the last K = `backprop_steps` with
+   gradients (classifier-free guidance with an empty negative prompt when `guidance_scale` > 1).
+3. Decode with the VAE (frozen, gradients flow through its decoder) to [0, 1] RGB, resize to the
+   detector's square input with `F.interpolate` (bilinear; antialiased when shrinking, like the
+   PIL resize `ArtifactDetector.predict` uses), normalise with the spec's mean/std, run the frozen
+   detector and take its artifact probability map p (sigmoid of channel `channel`, or softmax over
+   channels, as the DetectorSpec says).
+4. Loss, times `loss_scale`:
+   - "mean" (DiffDoctor's artifact-aware loss): mean over pixels of p.
+   - "weighted" (default): mean over pixels of p * w with w = p.detach() / (mean(p.detach()) + 1e-6),
+     i.e. the confidence map itself, normalised to mean 1, weights every pixel's gradient: confident
+     artifact pixels pull hardest, clean pixels hardly at all (the gradient is w / num_pixels).
+   Plus `regulariser_weight` times the ordinary diffusion loss on clean images (optional, against
+   reward hacking): a random clean image per step (resized to the training size), VAE latent mean,
+   a uniform random training timestep and Gaussian noise, MSE of the UNet's prediction (empty prompt)
+   against the noise (or the velocity for v-prediction models).
+5. AdamW (lr, weight_decay) on the LoRA parameters only, constant learning rate.
+
+Guidance. The default `guidance_scale` is 7.5, what the model is sampled with in the Generate tab, so
+the LoRA is tuned on the images people see; CFG doubles the UNet batch of every step (memory of the
+K gradient steps). On a CPU or for the tiny demo pipeline, 1.0 (no CFG) is twice as fast.
+
+Evaluation. Before training (no adapter yet) and after it (adapter on), every prompt x `eval_seeds`
+is generated with the pipeline's own `__call__` (same size, steps and guidance; CPU generator with
+the eval seed) and scored by `detector.predict`: `artifact_area` is the mean fraction of pixels with
+score >= 0.5, `mean_score` the mean score. `outside_change` is the mean absolute pixel change
+(uint8 units, over channels) between the before and after images at pixels that neither heatmap
+marks (score < 0.5 in both). A stopped run skips the after-evaluation (`after` is empty).
+
+The caller's pipeline. Training happens in place on `loaded.model.unet` (no copy: a real UNet is
+gigabytes); when `tune_lora` returns or raises, every PEFT layer is removed again (`unet.unload_lora`)
+and the requires_grad flags of UNet, VAE and detector are restored, so the pipeline generates
+exactly what it did before. A pipeline that already has a LoRA loaded is refused (switch it off with
+`apply_lora(pipe, None)` first). Supported: Stable-Diffusion-1.x/2.x-shaped pipelines (one text
+encoder, a UNet without added conditioning); SDXL-style UNets are refused with a message.
+
+Output: `out_dir/lora/pytorch_lora_weights.safetensors` in diffusers' LoRA format (with the adapter's
+rank/alpha metadata), loadable with `pipe.load_lora_weights(out_dir / "lora")` or `apply_lora`, and
+`out_dir/tune.json` with the config and the result.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from engines.models import LoadedModel
+
+ProgressFn = Callable[[int, int], None]
+StopFn = Callable[[], bool]
+LogFn = Callable[[dict], None]
+
+ADAPTER = "studio_tune"
+LORA_ADAPTER = "studio"
+LORA_SUBDIR = "lora"
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+LOSS_MODES = ("weighted", "mean")
+EVAL_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Settings of one LoRA tuning run (see the module docstring for what each does)."""
+
+    steps: int = 200
+    rank: int = 8
+    alpha: float = 8.0  # lora_alpha; the LoRA update is scaled by alpha / rank
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    num_inference_steps: int = 20  # denoising steps of each training generation
+    backprop_steps: int = 1  # K: the last K denoising steps carry gradients
+    guidance_scale: float = 7.5
+    width: int | None = None  # None: the pipeline's default size
+    height: int | None = None
+    loss_mode: str = "weighted"
+    loss_scale: float = 1.0
+    regulariser_weight: float = 0.0  # > 0 needs clean_images passed to tune_lora
+    seed: int = 0
+    eval_seeds: tuple[int, ...] = (0, 1, 2)
+    gradient_checkpointing: bool = False  # trade compute for memory in the UNet (real models on small GPUs)
+
+    def validate(self) -> None:
+        """Raise ValueError with one sentence if any field is out of range."""
+        if not 1 <= int(self.steps) <= 100_000:
+            raise ValueError(f"Tuning steps must be between 1 and 100000, got {self.steps}.")
+        if not 1 <= int(self.rank) <= 512:
+            raise ValueError(f"LoRA rank must be between 1 and 512, got {self.rank}.")
+        if not float(self.alpha) > 0:
+            raise ValueError(f"LoRA alpha must be positive, got {self.alpha}.")
+        if not 0 < float(self.lr) <= 1.0:
+            raise ValueError(f"Learning rate must be in (0, 1], got {self.lr}.")
+        if not 0 <= float(self.weight_decay) <= 10:
+            raise ValueError(f"Weight decay must be between 0 and 10, got {self.weight_decay}.")
+        if not 1 <= int(self.num_inference_steps) <= 500:
+            raise ValueError(f"Inference steps must be between 1 and 500, got {self.num_inference_steps}.")
+        if not 1 <= int(self.backprop_steps) <= int(self.num_inference_steps):
+            raise ValueError(f"Backprop steps must be between 1 and the inference steps ({self.num_inference_steps}), "
+                             f"got {self.backprop_steps}.")
+        if not 0.0 <= float(self.guidance_scale) <= 50.0:
+            raise ValueError(f"Guidance scale must be between 0 and 50, got {self.guidance_scale}.")
+        for name, side in (("Width", self.width), ("Height", self.height)):
+            if side is not None and (int(side) < 64 or int(side) > 2048 or int(side) % 8):
+                raise ValueError(f"{name} must be a multiple of 8 between 64 and 2048, got {side}.")
+        if self.loss_mode not in LOSS_MODES:
+            raise ValueError(f"Unknown loss mode '{self.loss_mode}'; use {' or '.join(LOSS_MODES)}.")
+        if not float(self.loss_scale) > 0:
+            raise ValueError(f"Loss scale must be positive, got {self.loss_scale}.")
+        if not float(self.regulariser_weight) >= 0:
+            raise ValueError(f"Regulariser weight must be 0 or more, got {self.regulariser_weight}.")
+        if not 0 <= int(self.seed) <= 2**32 - 1:
+            raise ValueError(f"Seed {self.seed} is out of range; use 0 to {2**32 - 1}.")
+        if not self.eval_seeds or any(not 0 <= int(s) <= 2**32 - 1 for s in self.eval_seeds):
+            raise ValueError("Evaluation seeds must be a non-empty list of seeds between 0 and 2**32 - 1.")
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["eval_seeds"] = list(self.eval_seeds)
+        return data
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """What a run produced. `before`/`after`: {"artifact_area", "mean_score", "images"} over prompts x
+    eval seeds (`after` is empty when stopped); `outside_change` is None when there is no after.
+    `before_images`/`after_images`: the evaluation images (RGB uint8 HWC, prompt-major: image
+    i * len(eval_seeds) + j is prompt i with eval seed j); not part of `to_json`."""
+
+    lora_dir: str
+    steps_done: int
+    stopped: bool
+    before: dict
+    after: dict
+    outside_change: float | None
+    history: tuple[dict, ...] = field(default=())
+    duration_s: float = 0.0
+    before_images: tuple[np.ndarray, ...] = field(default=(), repr=False)
+    after_images: tuple[np.ndarray, ...] = field(default=(), repr=False)
+
+    def to_json(self) -> dict:
+        return {"lora_dir": self.lora_dir, "steps_done": self.steps_done, "stopped": self.stopped,
+                "before": dict(self.before), "after": dict(self.after), "outside_change": self.outside_change,
+                "history": [dict(row) for row in self.history], "duration_s": self.duration_s}
+
+
+def tune_lora(config: TuneConfig, loaded: LoadedModel, detector, prompts: Sequence[str],
+              out_dir: str | os.PathLike, progress: ProgressFn | None = None, should_stop: StopFn | None = None,
+              log: LogFn | None = None, clean_images: Sequence[np.ndarray] | None = None) -> TuneResult:
+    """Tune a LoRA on `loaded.model` (a text-to-image pipeline) against `detector` (an ArtifactDetector).
+
+    `prompts`: training (and evaluation) prompts. `clean_images`: RGB uint8 HWC images for the
+    regulariser. `progress(step, steps)` after each step, `log(row)` with {step, loss, lr,
+    artifact_score} (plus `regulariser` when on), `should_stop()` checked before each step: the LoRA
+    so far is saved and the result has stopped=True. Raises ValueError for bad input.
+    """
+    import torch
+
+    config.validate()
+    prompts = [str(p) for p in prompts]
+    if not prompts or any(not p.strip() for p in prompts):
+        raise ValueError("Give at least one prompt, and no empty prompts.")
+    if config.regulariser_weight > 0 and not clean_images:
+        raise ValueError("A regulariser weight above 0 needs clean images (clean_images) to compute it on.")
+    clean = [_check_rgb(im, f"clean image {i}") for i, im in enumerate(clean_images or [])]
+    pipe = loaded.model
+    _check_pipeline(pipe)
+    width, height = _size(pipe, config)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lora_dir = out_dir / LORA_SUBDIR
+
+    start = time.perf_counter()
+    unet, vae = pipe.unet, pipe.vae
+    flags = {m: [p.requires_grad for p in m.parameters()] for m in (unet, vae, detector.model)}
+    try:
+        before_images, before_maps, before = _evaluate(pipe, detector, prompts, config, width, height, should_stop)
+        if before_images is None:
+            _add_adapter(unet, config)
+            _save_lora(pipe, lora_dir, config)
+            return _finish(out_dir, config, TuneResult(str(lora_dir), 0, True, before, {}, None, (),
+                                                       time.perf_counter() - start))
+        for module in (vae, detector.model):
+            module.requires_grad_(False)
+        params = _add_adapter(unet, config)
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        trainer = _Trainer(pipe, detector, config, width, height, prompts, clean)
+        history: list[dict] = []
+        stopped = False
+        for step in range(config.steps):
+            if should_stop is not None and should_stop():
+                stopped = True
+                break
+            optimiser.zero_grad(set_to_none=True)
+            row = trainer.step(step)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimiser.step()
+            row = {"step": step + 1, "loss": row["loss"], "lr": float(optimiser.param_groups[0]["lr"]),
+                   "artifact_score": row["artifact_score"], **({"regulariser": row["regulariser"]}
+                                                               if "regulariser" in row else {})}
+            history.append(row)
+            if log is not None:
+                log(dict(row))
+            if progress is not None:
+                progress(step + 1, config.steps)
+        if config.gradient_checkpointing:
+            unet.disable_gradient_checkpointing()
+        _save_lora(pipe, lora_dir, config)
+        steps_done = len(history)
+        if stopped:
+            result = TuneResult(str(lora_dir), steps_done, True, before, {}, None, tuple(history),
+                                time.perf_counter() - start, tuple(before_images))
+        else:
+            after_images, after_maps, after = _evaluate(pipe, detector, prompts, config, width, height, None)
+            outside = _outside_change(before_images, after_images, before_maps, after_maps)
+            result = TuneResult(str(lora_dir), steps_done, False, before, after, outside, tuple(history),
+                                time.perf_counter() - start, tuple(before_images), tuple(after_images))
+        return _finish(out_dir, config, result)
+    finally:
+        if getattr(unet, "peft_config", None):
+            unet.unload_lora()
+        for module, saved in flags.items():
+            for p, flag in zip(module.parameters(), saved):
+                p.requires_grad_(flag)
+
+
+def apply_lora(pipe, lora_dir: str | os.PathLike | None, scale: float = 1.0) -> None:
+    """Switch a LoRA on (`lora_dir`, weighted by `scale`) or off (None) for a diffusers pipeline.
+
+    Any LoRA loaded before is unloaded first, so calling this again replaces it; switching off
+    removes every LoRA layer, so the pipeline gives exactly its original pixels again.
+    """
+    if lora_dir is None:
+        pipe.unload_lora_weights()
+        return
+    folder = Path(lora_dir).expanduser()
+    if not folder.is_dir() or not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise ValueError(f"LoRA folder '{lora_dir}' does not exist or holds no LoRA weights (*.safetensors).")
+    if not -10.0 <= float(scale) <= 10.0:
+        raise ValueError(f"LoRA scale must be between -10 and 10, got {scale}.")
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(str(folder), adapter_name=LORA_ADAPTER)
+    pipe.set_adapters([LORA_ADAPTER], adapter_weights=[float(scale)])
+
+
+# ----------------------------------------------------------------------------------------------
+# One training step
+
+
+class _Trainer:
+    """Holds what every step reuses: prompt embeddings, clean latents, the scheduler copy."""
+
+    def __init__(self, pipe, detector, config: TuneConfig, width: int, height: int, prompts: list[str],
+                 clean: list[np.ndarray]):
+        import torch
+
+        self.pipe, self.detector, self.config = pipe, detector, config
+        self.device = pipe.unet.device
+        self.dtype = pipe.unet.dtype
+        self.width, self.height = width, height
+        self.prompts = prompts
+        self.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        self.cfg = config.guidance_scale > 1.0
+        self.embeds: dict[str, object] = {}
+        self.uncond = None
+        self.scaling = float(pipe.vae.config.scaling_factor)
+        spec = detector.spec
+        det_param = next(detector.model.parameters(), None)
+        self.det_device = detector.device
+        self.det_dtype = det_param.dtype if det_param is not None else torch.float32
+        self.mean = torch.tensor(spec.mean, device=self.det_device, dtype=self.det_dtype).view(1, 3, 1, 1)
+        self.std = torch.tensor(spec.std, device=self.det_device, dtype=self.det_dtype).view(1, 3, 1, 1)
+        self.clean_latents = [self._encode(im) for im in clean]
+
+    def _embed(self, prompt: str):
+        import torch
+
+        if prompt not in self.embeds:
+            with torch.no_grad():
+                cond, uncond = self.pipe.encode_prompt(prompt, self.device, 1, True, "")
+            self.embeds[prompt] = cond
+            self.uncond = uncond
+        return self.embeds[prompt]
+
+    def _encode(self, image: np.ndarray):
+        import torch
+        from PIL import Image
+
+        if image.shape[:2] != (self.height, self.width):
+            image = np.asarray(Image.fromarray(image).resize((self.width, self.height), Image.BICUBIC))
+        x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].to(self.device, self.pipe.vae.dtype)
+        with torch.no_grad():
+            return self.pipe.vae.encode(x / 127.5 - 1.0).latent_dist.mean * self.scaling
+
+    def _eps(self, latents, t, cond):
+        import torch
+
+        sched, unet = self.scheduler, self.pipe.unet
+        if self.cfg:
+            x = sched.scale_model_input(torch.cat([latents, latents]), t)
+            out = unet(x.to(self.dtype), t, encoder_hidden_states=torch.cat([self.uncond, cond])).sample
+            uncond, text = out.chunk(2)
+            return uncond + self.config.guidance_scale * (text - uncond)
+        x = sched.scale_model_input(latents, t)
+        return unet(x.to(self.dtype), t, encoder_hidden_states=cond).sample
+
+    def step(self, step: int) -> dict:
+        import torch
+
+        config = self.config
+        seed = int(np.random.SeedSequence([config.seed, step]).generate_state(1)[0])
+        prompt = self.prompts[int(np.random.default_rng(seed).integers(len(self.prompts)))]
+        cond = self._embed(prompt)
+        sched = self.scheduler
+        sched.set_timesteps(config.num_inference_steps, device=self.device)
+        timesteps = sched.timesteps
+        channels = self.pipe.unet.config.in_channels
+        scale = self.pipe.vae_scale_factor
+        shape = (1, channels, self.height // scale, self.width // scale)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+        latents = latents * sched.init_noise_sigma
+        split = len(timesteps) - config.backprop_steps
+        with torch.no_grad():
+            for t in timesteps[:split]:
+                latents = sched.step(self._eps(latents, t, cond), t, latents).prev_sample
+        for t in timesteps[split:]:
+            latents = sched.step(self._eps(latents, t, cond), t, latents).prev_sample
+        vae = self.pipe.vae
+        image = vae.decode((latents / self.scaling).to(vae.dtype)).sample
+        image = (image.float() / 2 + 0.5).clamp(0, 1)
+        probs = self.probabilities(image)
+        if config.loss_mode == "mean":
+            loss = probs.mean()
+        else:
+            weight = probs.detach()
+            loss = (probs * (weight / (weight.mean() + 1e-6))).mean()
+        loss = loss * config.loss_scale
+        row = {"artifact_score": float(probs.detach().mean())}
+        if config.regulariser_weight > 0:
+            reg = self._regulariser(step, seed)
+            row["regulariser"] = float(reg.detach())
+            loss = loss + config.regulariser_weight * reg
+        loss.backward()
+        row["loss"] = float(loss.detach())
+        return row
+
+    def probabilities(self, image):
+        """[0, 1] RGB N x 3 x H x W (differentiable) -> artifact probability N x S x S at the detector input."""
+        import torch
+        import torch.nn.functional as F
+
+        from engines.detect import extract_logits
+
+        spec = self.detector.spec
+        size = int(spec.input_size)
+        x = image.to(self.det_device, self.det_dtype)
+        if x.shape[-2:] != (size, size):
+            shrink = x.shape[-2] > size or x.shape[-1] > size
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+        x = (x - self.mean) / self.std
+        model = self.detector.model
+        logits = extract_logits(model(x) if spec.family == "torchscript" else model(pixel_values=x))
+        if logits.shape[-2:] != x.shape[-2:]:
+            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        if spec.channel >= logits.shape[1]:
+            raise ValueError(f"The detector outputs {logits.shape[1]} channel(s); channel {spec.channel} does not exist.")
+        if spec.activation == "sigmoid":
+            return torch.sigmoid(logits[:, spec.channel].float())
+        return torch.softmax(logits.float(), dim=1)[:, spec.channel]
+
+    def _regulariser(self, step: int, seed: int):
+        """The ordinary diffusion loss on one clean image (empty prompt), chosen and noised by `seed`."""
+        import torch
+        import torch.nn.functional as F
+
+        rng = np.random.default_rng(seed + 1)
+        z0 = self.clean_latents[int(rng.integers(len(self.clean_latents)))]
+        train_steps = int(self.scheduler.config.num_train_timesteps)
+        t = torch.tensor([int(rng.integers(train_steps))], device=self.device)
+        generator = torch.Generator(device="cpu").manual_seed(seed + 1)
+        noise = torch.randn(z0.shape, generator=generator, dtype=torch.float32).to(self.device, z0.dtype)
+        noisy = self.scheduler.add_noise(z0, noise, t)
+        self._embed("")
+        pred = self.pipe.unet(noisy.to(self.dtype), t, encoder_hidden_states=self.embeds[""]).sample
+        if self.scheduler.config.get("prediction_type", "epsilon") == "v_prediction":
+            target = self.scheduler.get_velocity(z0, noise, t)
+        else:
+            target = noise
+        return F.mse_loss(pred.float(), target.float())
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapters, saving, evaluation
+
+
+def _check_pipeline(pipe) -> None:
+    for name in ("unet", "vae", "scheduler", "encode_prompt"):
+        if getattr(pipe, name, None) is None:
+            raise ValueError(f"LoRA tuning needs a Stable-Diffusion-style pipeline with a UNet; "
+                             f"{type(pipe).__name__} has no {name}.")
+    if getattr(pipe.unet.config, "addition_embed_type", None) or getattr(pipe, "text_encoder_2", None) is not None:
+        raise ValueError(f"LoRA tuning supports Stable Diffusion 1.x/2.x-style pipelines; {type(pipe).__name__} "
+                         "(SDXL-style, with added conditioning) is not supported yet.")
+    if getattr(pipe.unet, "peft_config", None):
+        raise ValueError("The pipeline already has a LoRA loaded; switch it off (apply_lora(pipe, None)) before tuning.")
+
+
+def _size(pipe, config: TuneConfig) -> tuple[int, int]:
+    side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    return int(config.width or side), int(config.height or side)
+
+
+def _add_adapter(unet, config: TuneConfig) -> list:
+    """LoRA on the attention projections; returns the trainable (LoRA) parameters, cast to float32."""
+    import torch
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=int(config.rank), lora_alpha=float(config.alpha), init_lora_weights="gaussian",
+                      target_modules=list(LORA_TARGETS))
+    unet.requires_grad_(False)
+    unet.add_adapter(lora, adapter_name=ADAPTER)
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    if not params:
+        raise ValueError("The UNet has no attention projections (to_q/to_k/to_v/to_out.0) to put LoRA adapters on.")
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
+def _save_lora(pipe, lora_dir: Path, config: TuneConfig) -> None:
+    """Diffusers LoRA format (`pytorch_lora_weights.safetensors`), with rank/alpha metadata; written to a
+    temporary sibling and renamed, so a reader never sees half a LoRA."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    unet = pipe.unet
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER))
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    metadata = unet.peft_config[ADAPTER].to_dict()
+    saver = type(pipe) if hasattr(type(pipe), "save_lora_weights") else StableDiffusionPipeline
+    tmp = lora_dir.with_name(f".{lora_dir.name}.tmp-{os.getpid()}")
+    _remove(tmp)
+    saver.save_lora_weights(str(tmp), unet_lora_layers=state, safe_serialization=True,
+                            unet_lora_adapter_metadata=metadata)
+    _remove(lora_dir)
+    os.replace(tmp, lora_dir)
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def _evaluate(pipe, detector, prompts: list[str], config: TuneConfig, width: int, height: int,
+              should_stop: StopFn | None):
+    """Generate prompts x eval seeds with the pipeline as it is now: (images, heatmaps, summary), or
+    (None, None, {}) when stopped."""
+    import torch
+
+    from engines.generate import to_uint8
+
+    images = []
+    for prompt in prompts:
+        for seed in config.eval_seeds:
+            if should_stop is not None and should_stop():
+                return None, None, {}
+            with torch.inference_mode():
+                out = pipe(prompt=prompt, num_inference_steps=config.num_inference_steps,
+                           guidance_scale=float(config.guidance_scale), width=width, height=height,
+                           generator=torch.Generator(device="cpu").manual_seed(int(seed)), output_type="np")
+            images.extend(to_uint8(out.images))
+    maps = [h.scores for h in detector.predict(images)]
+    summary = {"artifact_area": float(np.mean([(m >= EVAL_THRESHOLD).mean() for m in maps])),
+               "mean_score": float(np.mean([m.mean() for m in maps])), "images": len(images)}
+    return images, maps, summary
+
+
+def _outside_change(before: list[np.ndarray], after: list[np.ndarray], maps_before, maps_after) -> float:
+    """Mean |after - before| (uint8 units) over pixels that neither heatmap marks as artifact."""
+    total, count = 0.0, 0
+    for b, a, mb, ma in zip(before, after, maps_before, maps_after):
+        keep = (mb < EVAL_THRESHOLD) & (ma < EVAL_THRESHOLD)
+        diff = np.abs(a.astype(np.int16) - b.astype(np.int16)).mean(axis=2)
+        total += float(diff[keep].sum())
+        count += int(keep.sum())
+    return total / count if count else 0.0
+
+
+def _finish(out_dir: Path, config: TuneConfig, result: TuneResult) -> TuneResult:
+    (out_dir / "tune.json").write_text(json.dumps({"config": config.to_json(), "result": result.to_json()}, indent=2))
+    return result
+
+
+def _check_rgb(image, what: str) -> np.ndarray:
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"{what.capitalize()} must be RGB uint8 H x W x 3, got {arr.dtype} {arr.shape}.")
+    return arr
