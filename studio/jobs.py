@@ -219,10 +219,8 @@ def _run_lora(services, job: JobRecord, out: Path, should_stop, log) -> dict:
 
     params = dict(job.params)
     config = TuneConfig(**params.get("config", {}))
-    text2image = services.text2image() if params.get("model") in (None, "demo") else None
-    if text2image is None:
-        services.model_spec = params["model"]
-        text2image = services.text2image()
+    services.model_spec = params.get("model") or "demo"
+    text2image = services.text2image()
     detector = services.detector(params.get("detector", "demo"))
     result = tune_lora(config, text2image.loaded, detector, params["prompts"], out, should_stop=should_stop, log=log)
     return {**result.to_json(), "stopped": bool(getattr(result, "stopped", False))}

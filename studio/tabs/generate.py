@@ -41,11 +41,24 @@ def build(services, shared: Shared, tab: gr.Tab) -> None:
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="Generated in this session (newest first)", columns=3, height=560,
                                  elem_id="generate-gallery", interactive=False)
+            with gr.Accordion("Compare models: base vs tuned LoRA", open=False):
+                cmp_prompts = gr.Textbox(label="Prompts (one per line)", lines=3,
+                                         value="a photo of a hand holding a cup\na portrait of a pianist")
+                with gr.Row():
+                    cmp_seeds = gr.Textbox(label="Seeds", value="0,1")
+                    cmp_detector = gr.Textbox(label="Detector", value="demo")
+                    cmp_steps = gr.Slider(2, 50, value=20, step=1, label="Steps")
+                compare = gr.Button("Compare", elem_id="generate-compare")
+                cmp_totals = gr.Markdown(elem_id="generate-compare-totals")
+                cmp_gallery = gr.Gallery(label="Per prompt x seed: base · base heatmap · tuned · tuned heatmap",
+                                         columns=4, height=420, interactive=False)
 
     inputs = [shared.session, prompt, negative, seed, steps, guidance, width, height, count, trajectory, use_lora, lora]
     run.click(bind(generate_images, services, shared), inputs=inputs, outputs=[gallery, status],
               concurrency_id=GPU, concurrency_limit=1)
     stop.click(bind(stop_generation, shared), inputs=None, outputs=[status], queue=False)
+    compare.click(bind(compare_models, services), inputs=[cmp_prompts, cmp_seeds, lora, cmp_detector, cmp_steps],
+                  outputs=[cmp_totals, cmp_gallery], concurrency_id=GPU, concurrency_limit=1)
     shared.session.change(bind(show_generated, services), inputs=[shared.session], outputs=[gallery])
     tab.select(bind(show_generated, services), inputs=[shared.session], outputs=[gallery])
     tab.select(bind(active_lora, services), inputs=[lora], outputs=[lora])
@@ -85,6 +98,39 @@ def generate_images(services, shared: Shared, session_id, prompt: str, negative_
     note = " (demo model: not a meaningful image)" if result.is_demo else ""
     status = f"Saved {len(records)} image(s) in {result.duration_s:.1f} s{note}."
     return show_generated(services, sid), status
+
+
+@user_errors
+def compare_models(services, prompts_text: str, seeds_text: str, lora_dir: str, detector: str, steps,
+                   progress=gr.Progress()):
+    """Base vs LoRA on the same prompt x seed set, each with its heatmap and artifact area; totals on top."""
+    from engines.detect import render_overlay
+
+    prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()]
+    try:
+        seeds = [int(x) for x in (seeds_text or "").replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ValueError(f"Seeds must be whole numbers separated by commas, got '{seeds_text}'.") from None
+    if not (lora_dir or "").strip():
+        raise ValueError("Give the LoRA folder to compare against (Parameters → LoRA folder).")
+
+    def report(done: int, total: int) -> None:
+        progress((done, total), desc="Generating and scoring")
+
+    rows = services.compare_models(prompts, seeds, lora_dir.strip(), (detector or "demo").strip(),
+                                   num_inference_steps=int(steps), progress=report)
+    items = []
+    for r in rows:
+        label = f"{r['prompt'][:40]} · seed {r['seed']}"
+        items += [(r["base"], f"base · {label}"),
+                  (render_overlay(r["base"], r["base_heatmap"]), f"base artifact area {100 * r['base_area']:.1f}%"),
+                  (r["tuned"], f"tuned · {label}"),
+                  (render_overlay(r["tuned"], r["tuned_heatmap"]), f"tuned artifact area {100 * r['tuned_area']:.1f}%")]
+    base = sum(r["base_area"] for r in rows) / len(rows)
+    tuned = sum(r["tuned_area"] for r in rows) / len(rows)
+    totals = (f"**Mean artifact area** (detector `{detector}`, threshold 0.5) over {len(rows)} images: base "
+              f"**{100 * base:.2f}%**, tuned **{100 * tuned:.2f}%** ({100 * (tuned - base):+.2f} points)")
+    return totals, items
 
 
 def active_lora(services, current: str) -> str:
