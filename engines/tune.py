@@ -23,18 +23,23 @@ the frozen artifact detector sees fewer artifacts in what the model generates. E
    reward hacking): a random clean image per step (resized to the training size), VAE latent mean,
    a uniform random training timestep and Gaussian noise, MSE of the UNet's prediction (empty prompt)
    against the noise (or the velocity for v-prediction models).
-5. AdamW (lr, weight_decay) on the LoRA parameters only, constant learning rate.
+5. AdamW (lr, weight_decay) on the LoRA parameters only, gradients clipped to `max_grad_norm`,
+   constant learning rate. The LoRA parameters are kept in float32 even when the pipeline is half
+   precision; with a float16 UNet the loss is scaled (torch.amp.GradScaler) for the backward pass.
+   `gradient_checkpointing` turns on the UNet's checkpointing for the run (memory for compute).
 
 Guidance. The default `guidance_scale` is 7.5, what the model is sampled with in the Generate tab, so
 the LoRA is tuned on the images people see; CFG doubles the UNet batch of every step (memory of the
 K gradient steps). On a CPU or for the tiny demo pipeline, 1.0 (no CFG) is twice as fast.
 
-Evaluation. Before training (no adapter yet) and after it (adapter on), every prompt x `eval_seeds`
-is generated with the pipeline's own `__call__` (same size, steps and guidance; CPU generator with
-the eval seed) and scored by `detector.predict`: `artifact_area` is the mean fraction of pixels with
-score >= 0.5, `mean_score` the mean score. `outside_change` is the mean absolute pixel change
+Evaluation. Before training (no adapter yet) and after it (adapter on), each of the first
+`eval_prompts` prompts x `eval_seeds` is generated with the pipeline's own `__call__` (same size,
+steps and guidance; CPU generator with the eval seed) and scored by `detector.predict`:
+`artifact_area` is the mean fraction of pixels with score >= 0.5, `mean_score` the mean score.
+(The `artifact_score` of a log row is the mean of p over the detector input of that step's image.) `outside_change` is the mean absolute pixel change
 (uint8 units, over channels) between the before and after images at pixels that neither heatmap
-marks (score < 0.5 in both). A stopped run skips the after-evaluation (`after` is empty).
+marks (score < 0.5 in both). A run stopped during training or the after-evaluation returns
+stopped=True with an empty `after` (the LoRA is saved either way).
 
 The caller's pipeline. Training happens in place on `loaded.model.unet` (no copy: a real UNet is
 gigabytes); when `tune_lora` returns or raises, every PEFT layer is removed again (`unet.unload_lora`)
@@ -91,6 +96,8 @@ class TuneConfig:
     regulariser_weight: float = 0.0  # > 0 needs clean_images passed to tune_lora
     seed: int = 0
     eval_seeds: tuple[int, ...] = (0, 1, 2)
+    eval_prompts: int = 8  # evaluate on the first this many prompts (all when there are fewer)
+    max_grad_norm: float = 1.0  # gradient clipping of the LoRA parameters
     gradient_checkpointing: bool = False  # trade compute for memory in the UNet (real models on small GPUs)
 
     def validate(self) -> None:
@@ -103,6 +110,8 @@ class TuneConfig:
             raise ValueError(f"LoRA alpha must be positive, got {self.alpha}.")
         if not 0 < float(self.lr) <= 1.0:
             raise ValueError(f"Learning rate must be in (0, 1], got {self.lr}.")
+        if not float(self.max_grad_norm) > 0:
+            raise ValueError(f"Max gradient norm must be positive, got {self.max_grad_norm}.")
         if not 0 <= float(self.weight_decay) <= 10:
             raise ValueError(f"Weight decay must be between 0 and 10, got {self.weight_decay}.")
         if not 1 <= int(self.num_inference_steps) <= 500:
@@ -123,6 +132,8 @@ class TuneConfig:
             raise ValueError(f"Regulariser weight must be 0 or more, got {self.regulariser_weight}.")
         if not 0 <= int(self.seed) <= 2**32 - 1:
             raise ValueError(f"Seed {self.seed} is out of range; use 0 to {2**32 - 1}.")
+        if not 1 <= int(self.eval_prompts) <= 1000:
+            raise ValueError(f"Evaluation prompts must be between 1 and 1000, got {self.eval_prompts}.")
         if not self.eval_seeds or any(not 0 <= int(s) <= 2**32 - 1 for s in self.eval_seeds):
             raise ValueError("Evaluation seeds must be a non-empty list of seeds between 0 and 2**32 - 1.")
 
@@ -185,19 +196,22 @@ def tune_lora(config: TuneConfig, loaded: LoadedModel, detector, prompts: Sequen
     start = time.perf_counter()
     unet, vae = pipe.unet, pipe.vae
     flags = {m: [p.requires_grad for p in m.parameters()] for m in (unet, vae, detector.model)}
+    checkpointing = bool(getattr(unet, "is_gradient_checkpointing", False))
     try:
         before_images, before_maps, before = _evaluate(pipe, detector, prompts, config, width, height, should_stop)
         if before_images is None:
             _add_adapter(unet, config)
-            _save_lora(pipe, lora_dir, config)
+            _save_lora(pipe, lora_dir)
             return _finish(out_dir, config, TuneResult(str(lora_dir), 0, True, before, {}, None, (),
                                                        time.perf_counter() - start))
         for module in (vae, detector.model):
             module.requires_grad_(False)
         params = _add_adapter(unet, config)
-        if config.gradient_checkpointing:
+        if config.gradient_checkpointing and not checkpointing:
             unet.enable_gradient_checkpointing()
         optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        # float16 UNets: scale the loss so that small gradients survive the half-precision backward
+        scaler = torch.amp.GradScaler(unet.device.type) if unet.dtype == torch.float16 else None
         trainer = _Trainer(pipe, detector, config, width, height, prompts, clean)
         history: list[dict] = []
         stopped = False
@@ -206,9 +220,17 @@ def tune_lora(config: TuneConfig, loaded: LoadedModel, detector, prompts: Sequen
                 stopped = True
                 break
             optimiser.zero_grad(set_to_none=True)
-            row = trainer.step(step)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimiser.step()
+            loss, row = trainer.step(step)
+            if scaler is None:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                optimiser.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimiser)
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                scaler.step(optimiser)
+                scaler.update()
             row = {"step": step + 1, "loss": row["loss"], "lr": float(optimiser.param_groups[0]["lr"]),
                    "artifact_score": row["artifact_score"], **({"regulariser": row["regulariser"]}
                                                                if "regulariser" in row else {})}
@@ -217,20 +239,22 @@ def tune_lora(config: TuneConfig, loaded: LoadedModel, detector, prompts: Sequen
                 log(dict(row))
             if progress is not None:
                 progress(step + 1, config.steps)
-        if config.gradient_checkpointing:
-            unet.disable_gradient_checkpointing()
-        _save_lora(pipe, lora_dir, config)
+        _save_lora(pipe, lora_dir)
         steps_done = len(history)
-        if stopped:
+        after_images, after_maps, after = None, None, {}
+        if not stopped:
+            after_images, after_maps, after = _evaluate(pipe, detector, prompts, config, width, height, should_stop)
+        if after_images is None:
             result = TuneResult(str(lora_dir), steps_done, True, before, {}, None, tuple(history),
                                 time.perf_counter() - start, tuple(before_images))
         else:
-            after_images, after_maps, after = _evaluate(pipe, detector, prompts, config, width, height, None)
             outside = _outside_change(before_images, after_images, before_maps, after_maps)
             result = TuneResult(str(lora_dir), steps_done, False, before, after, outside, tuple(history),
                                 time.perf_counter() - start, tuple(before_images), tuple(after_images))
         return _finish(out_dir, config, result)
     finally:
+        if getattr(unet, "is_gradient_checkpointing", False) and not checkpointing:
+            unet.disable_gradient_checkpointing()
         if getattr(unet, "peft_config", None):
             unet.unload_lora()
         for module, saved in flags.items():
@@ -318,7 +342,8 @@ class _Trainer:
         x = sched.scale_model_input(latents, t)
         return unet(x.to(self.dtype), t, encoder_hidden_states=cond).sample
 
-    def step(self, step: int) -> dict:
+    def step(self, step: int):
+        """Generate one image for step `step` and return (loss tensor, row); the caller runs backward."""
         import torch
 
         config = self.config
@@ -352,12 +377,11 @@ class _Trainer:
         loss = loss * config.loss_scale
         row = {"artifact_score": float(probs.detach().mean())}
         if config.regulariser_weight > 0:
-            reg = self._regulariser(step, seed)
+            reg = self._regulariser(seed)
             row["regulariser"] = float(reg.detach())
             loss = loss + config.regulariser_weight * reg
-        loss.backward()
         row["loss"] = float(loss.detach())
-        return row
+        return loss, row
 
     def probabilities(self, image):
         """[0, 1] RGB N x 3 x H x W (differentiable) -> artifact probability N x S x S at the detector input."""
@@ -383,7 +407,7 @@ class _Trainer:
             return torch.sigmoid(logits[:, spec.channel].float())
         return torch.softmax(logits.float(), dim=1)[:, spec.channel]
 
-    def _regulariser(self, step: int, seed: int):
+    def _regulariser(self, seed: int):
         """The ordinary diffusion loss on one clean image (empty prompt), chosen and noised by `seed`."""
         import torch
         import torch.nn.functional as F
@@ -427,7 +451,6 @@ def _size(pipe, config: TuneConfig) -> tuple[int, int]:
 
 def _add_adapter(unet, config: TuneConfig) -> list:
     """LoRA on the attention projections; returns the trainable (LoRA) parameters, cast to float32."""
-    import torch
     from peft import LoraConfig
 
     lora = LoraConfig(r=int(config.rank), lora_alpha=float(config.alpha), init_lora_weights="gaussian",
@@ -443,7 +466,7 @@ def _add_adapter(unet, config: TuneConfig) -> list:
     return params
 
 
-def _save_lora(pipe, lora_dir: Path, config: TuneConfig) -> None:
+def _save_lora(pipe, lora_dir: Path) -> None:
     """Diffusers LoRA format (`pytorch_lora_weights.safetensors`), with rank/alpha metadata; written to a
     temporary sibling and renamed, so a reader never sees half a LoRA."""
     from diffusers import StableDiffusionPipeline
@@ -479,7 +502,7 @@ def _evaluate(pipe, detector, prompts: list[str], config: TuneConfig, width: int
     from engines.generate import to_uint8
 
     images = []
-    for prompt in prompts:
+    for prompt in prompts[:config.eval_prompts]:
         for seed in config.eval_seeds:
             if should_stop is not None and should_stop():
                 return None, None, {}

@@ -162,7 +162,7 @@ def test_params_are_frozen_and_serialisable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.seed = 3  # type: ignore[misc]
     assert p.to_json() == {"prompt": "a cat", "negative_prompt": "", "seed": 7, "num_inference_steps": 2,
-                           "guidance_scale": 7.5, "width": 64, "height": 64, "num_images": 1}
+                           "guidance_scale": 7.5, "width": 64, "height": 64, "num_images": 1, "record_trajectory": False}
 
 
 def test_to_uint8_rounds_like_diffusers():
