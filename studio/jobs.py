@@ -194,11 +194,24 @@ def run_job(data_dir: Path, job_id: int) -> int:
     except Exception as exc:  # noqa: BLE001 - a worker records any crash in its job row
         traceback.print_exc()
         error = f"{type(exc).__name__}: {exc}"
-    store.update_job(job.id, status=status, finished_at=_now(), error=error, result=result)
+    store.update_job(job.id, status=status, finished_at=_now(), error=error, result=_finite(result))
     cancel_flag.unlink(missing_ok=True)
     manager.start_next()
     store.close()
     return 0 if status != "failed" else 1
+
+
+def _finite(value):
+    """JSON-safe copy: NaN/inf (e.g. a best mIoU before any evaluation) become None."""
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _run_detector(services, job: JobRecord, out: Path, should_stop, log) -> dict:
