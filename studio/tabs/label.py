@@ -169,11 +169,11 @@ def open_first(services, shared: Shared, session_id, order, remembered=None, req
     sid = int(session_id)
     ids = queue(services, sid, order)
     view = _view(shared, request)
-    if view.image_id not in ids:
-        if not ids:
-            view.image_id, view.rgb = None, None
-            return _blank("This session has no images yet.")
-        target = remembered if remembered in ids else ids[0]
+    if not ids:
+        view.image_id, view.rgb = None, None
+        return _blank("This session has no images yet.")
+    target = remembered if remembered in ids else (view.image_id if view.image_id in ids else ids[0])
+    if target != view.image_id or view.rgb is None:
         _open(services, view, target, _upcoming(ids, target))
     return _open_outputs(services, view, sid)
 

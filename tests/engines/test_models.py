@@ -48,7 +48,10 @@ def test_demo_build_differs_with_another_seed(demo_dir, tmp_path):
     reference = file_hashes(demo_dir)
     assert set(other) == set(reference)
     for weights in WEIGHT_FILES:
-        assert other[weights] != reference[weights], weights
+        if weights.startswith("vae/"):  # the trained demo VAE (assets/demo_vae) is the same for every seed
+            assert other[weights] == reference[weights], weights
+        else:
+            assert other[weights] != reference[weights], weights
     assert other["model_index.json"] == reference["model_index.json"]  # same architecture, other weights
     assert json.loads((tmp_path / "seed1" / "models" / "demo-sd" / DEMO_MARKER).read_text())["seed"] == 1
 
