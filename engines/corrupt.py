@@ -90,6 +90,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from engines.generate import Cancelled, to_uint8
+from engines.images import as_rgb, image_digest
 from engines.models import LoadedModel
 
 __all__ = [
@@ -260,7 +261,7 @@ def measure(original: np.ndarray, corrupted: np.ndarray, mask: np.ndarray) -> Ch
     confinement = inside / outside; when nothing changed outside it is inf (or 1.0 if nothing
     changed anywhere). A side with no pixels counts as 0 change.
     """
-    original, corrupted, mask = _as_rgb(original), _as_rgb(corrupted), _check_mask(mask)
+    original, corrupted, mask = as_rgb(original), as_rgb(corrupted), _check_mask(mask)
     if original.shape != corrupted.shape or original.shape[:2] != mask.shape:
         raise ValueError(f"Shapes differ: original {original.shape}, corrupted {corrupted.shape}, mask {mask.shape}.")
     diff = np.abs(original.astype(np.int16) - corrupted.astype(np.int16)).mean(axis=2, dtype=np.float64)
@@ -308,7 +309,7 @@ def prepare_image(rgb: np.ndarray, multiple: int = 8, max_side: int | None = Non
 
     Draw masks on the returned image: `RegionCorruptor` rejects sides that are not multiples of 8.
     """
-    rgb = _as_rgb(rgb)
+    rgb = as_rgb(rgb)
     if multiple < 1:
         raise ValueError(f"multiple must be 1 or more, got {multiple}.")
     if max_side is not None and max(rgb.shape[:2]) > max_side:
@@ -324,13 +325,6 @@ def prepare_image(rgb: np.ndarray, multiple: int = 8, max_side: int | None = Non
     return np.ascontiguousarray(rgb[top:top + height, left:left + width])
 
 
-def image_digest(rgb: np.ndarray) -> str:
-    """sha256 over the shape and the pixels of an RGB uint8 image."""
-    digest = hashlib.sha256(f"{rgb.shape[0]}x{rgb.shape[1]}x{rgb.shape[2]}|".encode())
-    digest.update(np.ascontiguousarray(rgb).data)
-    return digest.hexdigest()
-
-
 def blur_region(rgb: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
     """The image with its pixels inside `mask` replaced by a Gaussian blur (sigma px) of the image."""
     from scipy.ndimage import gaussian_filter
@@ -338,19 +332,6 @@ def blur_region(rgb: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
     blurred = gaussian_filter(rgb.astype(np.float32), sigma=(sigma, sigma, 0), mode="reflect")
     blurred = np.clip(np.round(blurred), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(np.where(mask[:, :, None], blurred, rgb))
-
-
-def _as_rgb(image) -> np.ndarray:
-    if hasattr(image, "mode") and hasattr(image, "size") and not isinstance(image, np.ndarray):
-        if image.mode != "RGB":
-            raise ValueError(f"Expected an RGB image, got a PIL image in mode {image.mode}; convert it to RGB first.")
-        image = np.asarray(image)
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        what = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"Expected an RGB uint8 image of shape (H, W, 3), got a {what}.")
-    if image.shape[0] < 1 or image.shape[1] < 1:
-        raise ValueError("The image has no pixels.")
-    return image
 
 
 def _check_mask(mask) -> np.ndarray:
@@ -820,7 +801,7 @@ class RegionCorruptor:
 
     # -- checks and the cache
     def _check_image(self, image) -> np.ndarray:
-        rgb = _as_rgb(image)
+        rgb = as_rgb(image)
         height, width = rgb.shape[:2]
         if height % self.factor or width % self.factor:
             raise ValueError(f"The image is {width}x{height}; both sides must be multiples of {self.factor} "

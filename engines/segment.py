@@ -44,6 +44,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from engines.images import as_rgb, image_digest
 from engines.models import DEMO, LoadedModel, ModelNotFoundError, first_line, local_folder
 
 CACHE_FORMAT = "artifact-studio-segment-embedding/1"
@@ -807,27 +808,6 @@ class SuperpixelBackend:
 
 # ----------------------------------------------------------------------------------------------
 # Helpers: validation, hashing
-
-def as_rgb(image) -> np.ndarray:
-    """RGB uint8 HWC array from an array or a PIL RGB image; anything else -> ValueError."""
-    if hasattr(image, "mode") and hasattr(image, "size") and not isinstance(image, np.ndarray):
-        if image.mode != "RGB":
-            raise ValueError(f"Expected an RGB image, got a PIL image in mode {image.mode}; convert it to RGB first.")
-        image = np.asarray(image)
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        what = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"Expected an RGB uint8 image of shape (H, W, 3), got a {what}.")
-    if image.shape[0] < 1 or image.shape[1] < 1:
-        raise ValueError("The image has no pixels.")
-    return image
-
-
-def image_digest(rgb: np.ndarray) -> str:
-    """sha256 over the shape and the pixels of an RGB uint8 image."""
-    digest = hashlib.sha256(f"{rgb.shape[0]}x{rgb.shape[1]}x{rgb.shape[2]}|".encode())
-    digest.update(np.ascontiguousarray(rgb).data)
-    return digest.hexdigest()
-
 
 def file_fingerprint(path: str | os.PathLike) -> str:
     """sha256(size + first 1 MiB + last 1 MiB): cheap for multi-GB checkpoints, which are never edited in place."""
