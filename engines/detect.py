@@ -18,15 +18,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from engines.generate import Cancelled  # noqa: F401  (one Cancelled for every engine; raised between batches here)
 from engines.models import LoadedModel
 
 ProgressFn = Callable[[int, int], None]
 StopFn = Callable[[], bool]
 COLORMAPS = ("jet", "turbo", "magma")
-
-
-class Cancelled(Exception):
-    """Raised when `should_stop()` returned True between batches."""
 
 
 @dataclass(frozen=True)
