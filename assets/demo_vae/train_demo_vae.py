@@ -12,6 +12,13 @@ decode(latent mean), a tiny KL weight, and for the first half a decaying "latent
 Default 2000 steps: about 7.5 min wall-clock on one CPU thread. Bit-reproducible for a given seed.
 Writes config.json, diffusion_pytorch_model.safetensors and metrics.json (PSNR of
 encode->mode->decode on each full sample photo, trained vs the same random init untrained).
+
+Deterministic posterior. Training only ever decodes the latent mean, and the tiny KL weight pulls the
+posterior's log-variance to 0 (std 1), so a *sampled* latent (what diffusers' img2img and inpainting
+pipelines encode with) would be the mean plus unit noise. Before saving, the log-variance half of
+`quant_conv` is set to the constant LOGVAR (weights 0, bias -30: std 3e-7), so sample() == mode() up
+to 1e-6; the mean half and everything else are untouched. `--fix-posterior-only` applies just this
+step to the weights already in --out.
 """
 
 from __future__ import annotations
@@ -45,6 +52,17 @@ EXTRA_PHOTOS = {  # further bundled images whose docstring says CC0 / public dom
     "grass": "CC0 (CC0Textures)",
     "gravel": "CC0 (CC0Textures Gravel04)",
 }
+
+
+LOGVAR = -30.0  # the posterior log-variance written into quant_conv (diffusers clamps logvar to [-30, 20])
+
+
+def make_posterior_deterministic(vae) -> None:
+    """Set quant_conv's log-variance outputs to the constant LOGVAR (see the module docstring)."""
+    c = int(vae.config.latent_channels)
+    with torch.no_grad():
+        vae.quant_conv.weight[c:].zero_()
+        vae.quant_conv.bias[c:].fill_(LOGVAR)
 
 
 def build_vae() -> "torch.nn.Module":
@@ -165,7 +183,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--final-frac", type=float, default=0.2)
     ap.add_argument("--sample-weight", type=float, default=2.0)
     ap.add_argument("--no-eval-untrained", action="store_true", help="skip the untrained reference PSNR")
+    ap.add_argument("--fix-posterior-only", action="store_true",
+                    help="only make the posterior of the weights in --out deterministic (no training)")
     args = ap.parse_args(argv)
+    if args.fix_posterior_only:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.out)
+        make_posterior_deterministic(vae)
+        vae.save_pretrained(args.out, safe_serialization=True)
+        return {}
 
     t0 = time.time()
     load_start = os.getloadavg()[0]
@@ -228,6 +255,7 @@ def main(argv=None) -> dict:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    make_posterior_deterministic(vae)
     vae.save_pretrained(out, safe_serialization=True)
     weights_file = out / "diffusion_pytorch_model.safetensors"
     metrics = {
@@ -254,6 +282,7 @@ def main(argv=None) -> dict:
         "latent_std": round(lat.std().item(), 4),
         "eval": "whole photo, reflect-padded to a multiple of 8, encode().latent_dist.mode() -> decode, "
                 "uint8 PSNR on the original extent",
+        "posterior": f"deterministic: quant_conv log-variance outputs set to {LOGVAR} before saving",
         "train_images": {**SAMPLE_PHOTOS, **EXTRA_PHOTOS},
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
