@@ -61,7 +61,7 @@ def serve(args: argparse.Namespace) -> int:
     services = Services.open(resolve_data_dir(args.data_dir), model_spec=args.model, device=device,
                              segmenter_spec=args.sam)
     print(f"Artifact Studio data dir: {services.data_dir}", flush=True)
-    print(f"Model: {services.model_spec} on {device}" + (" (demo: tiny random weights, not meaningful images)"
+    print(f"Model: {services.model_spec} on {device}" + (" (demo: a tiny model trained on 15 bundled photos)"
                                                          if services.uses_demo_model else ""), flush=True)
     services.ensure_samples()
     from studio.jobs import JobManager

@@ -1,7 +1,9 @@
 """Loading artifact detectors of every published family into one shape: an nn.Module + DetectorSpec.
 
 A detector spec string is one of:
-    "demo"                         tiny config-built UperNet (fixed seed, untrained), saved once like our own checkpoints
+    "demo"                         the demo detector shipped in assets/demo_detector (a small UperNet trained on synthetic
+                                   corruptions of the sample photos), copied once under the data directory; a tiny
+                                   config-built untrained UperNet (fixed seed) when that folder is absent
     FOLDER                         our checkpoint: detector.json + model.safetensors
     "upernet-convnext-tiny" / "upernet-swin-tiny"            random init (untrained)
     "upernet-convnext-tiny:SRC" / "upernet-swin-tiny:SRC"    init from an ADE20K UperNet (folder or hub id)
@@ -25,7 +27,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DETECTOR_CONFIG = "detector.json"
 DETECTOR_WEIGHTS = "model.safetensors"
 DEMO_LOGIT_SCALE = 800.0
-DEMO_DETECTOR_NOTE = "Demo detector: a tiny untrained UperNet with random weights; its heatmaps are not meaningful."
+DEMO_DETECTOR_NOTE = ("Demo detector: trained on synthetic corruptions of the sample photos, not a real-world artifact "
+                      "detector. Load a real one with a detector SPEC (e.g. diffdoctor:FILE or a checkpoint folder).")
+DEMO_UNTRAINED_DETECTOR_NOTE = "Demo detector: a tiny untrained UperNet with random weights; its heatmaps are not meaningful."
+DEMO_DETECTOR_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo_detector"
+DEMO_DETECTOR_MARKER = "artifact_studio_demo.json"
 
 
 @dataclass(frozen=True)
@@ -97,19 +103,54 @@ def save_detector(model, spec: DetectorSpec, folder: str | os.PathLike, provenan
 
 
 def ensure_demo_detector(data_dir: str | os.PathLike, seed: int = DEMO_SEED) -> Path:
-    """Build and save the demo detector once (same seed -> same bytes)."""
+    """Put the demo detector under `data_dir` once and return its folder.
+
+    The trained demo detector (assets/demo_detector: model.safetensors + detector.json, made by the
+    script beside them) is copied; a folder copied from other weights (an older release) is replaced.
+    Without the shipped files a tiny untrained UperNet is built from `seed` (same seed -> same bytes).
+    """
+    import hashlib
+    import shutil
+
+    target = demo_detector_dir(data_dir)
+    shipped = [DEMO_DETECTOR_ASSETS / DETECTOR_CONFIG, DEMO_DETECTOR_ASSETS / DETECTOR_WEIGHTS]
+    if all(p.is_file() for p in shipped):
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in shipped)).hexdigest()
+        marker = target / DEMO_DETECTOR_MARKER
+        if marker.is_file() and (target / DETECTOR_CONFIG).is_file() and marker.read_text().strip() == digest:
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        remove_tree(tmp)
+        tmp.mkdir()
+        for path in shipped:
+            shutil.copyfile(path, tmp / path.name)
+        (tmp / DEMO_DETECTOR_MARKER).write_text(digest + "\n")
+        remove_tree(target)
+        os.replace(tmp, target)
+        return target
+    return _ensure_untrained_demo_detector(target, seed)
+
+
+def _ensure_untrained_demo_detector(target: Path, seed: int) -> Path:
+    if (target / DETECTOR_CONFIG).is_file() and not (target / DEMO_DETECTOR_MARKER).is_file():
+        return target
+    return save_untrained_demo_detector(target, seed)
+
+
+def save_untrained_demo_detector(folder: str | os.PathLike, seed: int = DEMO_SEED) -> Path:
+    """The tiny config-built UperNet (input 256, random weights from `seed`, logits spread so its heatmap
+    spans [0, 1]) saved in our checkpoint format: the demo detector when no trained one is shipped,
+    and a fast stand-in for tests of the detection mechanics. Same seed -> same bytes."""
     import torch
     from transformers import UperNetForSemanticSegmentation
 
-    target = demo_detector_dir(data_dir)
-    if (target / DETECTOR_CONFIG).is_file():
-        return target
     torch.manual_seed(seed)
     model = UperNetForSemanticSegmentation(tiny_upernet_config())
     with torch.no_grad():  # spread the random logits so the untrained heatmap spans [0, 1] visibly
         model.decode_head.classifier.weight.mul_(DEMO_LOGIT_SCALE)
     spec = DetectorSpec(family="upernet", input_size=256, trained=False)
-    return save_detector(model, spec, target, {"demo": True, "seed": seed, "note": DEMO_DETECTOR_NOTE})
+    return save_detector(model, spec, Path(folder), {"demo": True, "seed": seed, "note": DEMO_UNTRAINED_DETECTOR_NOTE})
 
 
 def load_detector(spec: str | None, *, data_dir: str | os.PathLike, device: str = "cpu") -> LoadedModel:
@@ -126,7 +167,7 @@ def load_detector(spec: str | None, *, data_dir: str | os.PathLike, device: str 
     if is_demo:
         folder = ensure_demo_detector(data_dir)
         module, dspec, note = _load_own_detector(folder)
-        module_id, note = DEMO, DEMO_DETECTOR_NOTE
+        module_id, note = DEMO, DEMO_DETECTOR_NOTE if dspec.trained else DEMO_UNTRAINED_DETECTOR_NOTE
     elif not sep and Path(family).expanduser().is_dir():
         folder = Path(family).expanduser().resolve()
         module, dspec, note = _load_own_detector(folder)

@@ -17,8 +17,21 @@ from typing import Any, Callable
 DEMO = "demo"
 DEMO_SEED = 0
 DEMO_MARKER = "artifact_studio_demo.json"
-DEMO_NOTE = ("Demo model: tiny random weights built offline from a config; its images are noise-like "
-             "patterns, not meaningful pictures. Load a real pipeline with --model PATH_OR_HUB_ID.")
+DEMO_SIZE = 128  # the demo text-to-image model was trained on 128x128 images (UNet sample_size 16)
+DEMO_LATENT_SCALE = 2.0  # 1 / std of the demo VAE's latent means on the training photos (0.50)
+DEMO_PARTS = ("vae", "unet", "text_encoder")
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+DEMO_WEIGHTS = {  # trained demo weights shipped in assets/ (each made by the script beside it)
+    "vae": ASSETS_DIR / "demo_vae" / "diffusion_pytorch_model.safetensors",
+    "unet": ASSETS_DIR / "demo_t2i" / "unet.safetensors",
+    "text_encoder": ASSETS_DIR / "demo_t2i" / "text_encoder.safetensors",
+}
+DEMO_NOTE = ("Demo model: a tiny text-to-image model (~1M parameters, 128x128) trained offline on 15 bundled "
+             "public-domain/CC0 photos (assets/demo_photos.json). Prompts naming a photo ('a cat', 'an astronaut', "
+             "'a cup of coffee') give blurry versions of it; anything else gives blends. Not a general image "
+             "generator: load a real pipeline with --model PATH_OR_HUB_ID.")
+DEMO_UNTRAINED_NOTE = ("Demo model: tiny random weights built offline from a config; its images are noise-like "
+                       "patterns, not meaningful pictures. Load a real pipeline with --model PATH_OR_HUB_ID.")
 
 
 class ModelNotFoundError(ValueError):
@@ -62,41 +75,64 @@ def demo_dir(data_dir: str | os.PathLike) -> Path:
 def ensure_demo_pipeline(data_dir: str | os.PathLike, seed: int = DEMO_SEED) -> Path:
     """Build and save the tiny demo pipeline under `data_dir` unless it is already there.
 
-    Same seed in a fresh folder gives bit-identical weight files. The folder is written to a
+    Same seed (and the same shipped demo weights) in a fresh folder gives bit-identical weight
+    files. The marker records which parts carry trained weights and a digest of those weights; a
+    folder saved from other weights (an older release) is rebuilt. The folder is written to a
     temporary sibling and renamed, so a killed build never leaves a half-written model.
     """
     target = demo_dir(data_dir)
-    if (target / DEMO_MARKER).is_file():
+    marker = {"demo": True, "seed": seed, "trained": demo_trained_parts(), "weights": _demo_weights_digest()}
+    if (target / DEMO_MARKER).is_file() and _read_marker(target).get("weights") == marker["weights"]:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     remove_tree(tmp)
     pipe = build_demo_pipeline(seed)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / DEMO_MARKER).write_text(json.dumps({"demo": True, "seed": seed, "note": DEMO_NOTE}, indent=2))
+    marker["note"] = demo_note(marker["trained"])
+    (tmp / DEMO_MARKER).write_text(json.dumps(marker, indent=2))
     if target.exists():  # a stale folder without its marker: an earlier build was interrupted
         remove_tree(target)
     os.replace(tmp, target)
     return target
 
 
-def build_demo_pipeline(seed: int = DEMO_SEED):
+def demo_trained_parts() -> list[str]:
+    """The demo pipeline parts whose trained weights are shipped (see DEMO_WEIGHTS)."""
+    return [part for part in DEMO_PARTS if DEMO_WEIGHTS[part].is_file()]
+
+
+def demo_note(trained: list[str] | tuple[str, ...] | None = None) -> str:
+    """What the demo pipeline is: DEMO_NOTE when its UNet and text encoder are the trained ones."""
+    trained = demo_trained_parts() if trained is None else trained
+    return DEMO_NOTE if {"unet", "text_encoder"} <= set(trained) else DEMO_UNTRAINED_NOTE
+
+
+def build_demo_pipeline(seed: int = DEMO_SEED, trained: tuple[str, ...] | None = DEMO_PARTS):
     """Tiny StableDiffusionPipeline from configs: 8x VAE, (32, 64) UNet, 2-layer CLIP text encoder.
 
-    The VAE takes the weights trained on the sample photos (assets/demo_vae, ~24 dB PSNR) when present,
-    so photos survive encode/decode recognisably; the UNet and text encoder stay random.
+    Each part named in `trained` takes its weights shipped in assets/ when the file is there
+    (DEMO_WEIGHTS; each made by the training script beside it): the VAE trained on the sample photos
+    (~24 dB PSNR), and the UNet and text encoder trained on the captioned photos of
+    assets/demo_photos.json at DEMO_SIZE. `trained=()` gives the all-random config-built pipeline.
+    The latent scaling factor is DEMO_LATENT_SCALE; the UNet's sample_size makes DEMO_SIZE the default
+    image size.
 
-    Every component is created right after `torch.manual_seed(seed + k)`, so weights depend on the
-    seed alone. ~1.5M parameters; a 256x256 image with 20 steps takes well under a second on CPU.
+    Every component is created right after `torch.manual_seed(seed + k)`, so untrained weights depend
+    on the seed alone. ~1.2M parameters; a 128x128 image with 20 steps takes a fraction of a second on CPU.
     """
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    trained = tuple(trained or ())
+    unknown = set(trained) - set(DEMO_PARTS)
+    if unknown:
+        raise ValueError(f"Unknown demo parts {sorted(unknown)}; use some of {', '.join(DEMO_PARTS)}.")
     tokenizer = build_byte_tokenizer()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=DEMO_SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
         attention_head_dim=4, norm_num_groups=8,
@@ -104,14 +140,9 @@ def build_demo_pipeline(seed: int = DEMO_SEED):
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=256, layers_per_block=1,
-        block_out_channels=(16, 32, 32, 32), norm_num_groups=8,
+        block_out_channels=(16, 32, 32, 32), norm_num_groups=8, scaling_factor=DEMO_LATENT_SCALE,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     )
-    trained = Path(__file__).resolve().parent.parent / "assets" / "demo_vae" / "diffusion_pytorch_model.safetensors"
-    if trained.is_file():  # the tiny VAE trained by assets/demo_vae/train_demo_vae.py: photos survive encode/decode
-        from safetensors.torch import load_file
-
-        vae.load_state_dict(load_file(str(trained)), strict=True)
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -119,6 +150,11 @@ def build_demo_pipeline(seed: int = DEMO_SEED):
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     ))
+    for part, module in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder)):
+        if part in trained and DEMO_WEIGHTS[part].is_file():
+            from safetensors.torch import load_file
+
+            module.load_state_dict(load_file(str(DEMO_WEIGHTS[part])), strict=True)
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000,
@@ -127,6 +163,24 @@ def build_demo_pipeline(seed: int = DEMO_SEED):
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
     )
+
+
+def _demo_weights_digest() -> str:
+    """sha256 over the shipped demo weight files (name + bytes); "" when none is shipped."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for part in demo_trained_parts():
+        digest.update(part.encode() + b"|" + DEMO_WEIGHTS[part].read_bytes())
+    return digest.hexdigest() if demo_trained_parts() else ""
+
+
+def _read_marker(folder: Path) -> dict:
+    try:
+        value = json.loads((folder / DEMO_MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def build_byte_tokenizer():
@@ -212,7 +266,7 @@ def load_text2image(spec: str | None, *, data_dir: str | os.PathLike, device: st
     pipe.set_progress_bar_config(disable=True)
     return LoadedModel(model=pipe, kind="text2image", model_id=spec, path=str(folder) if folder else None,
                        is_demo=is_demo or _is_demo_folder(folder), device=device,
-                       note=DEMO_NOTE if is_demo or _is_demo_folder(folder) else "")
+                       note=_read_marker(folder).get("note", DEMO_NOTE) if is_demo or _is_demo_folder(folder) else "")
 
 
 def _load_detector(spec: str | None, **kwargs) -> LoadedModel:

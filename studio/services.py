@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.models import DEMO, DEMO_NOTE
+from engines.models import DEMO, demo_note
 from studio.store import NewImage, Store
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -80,8 +80,26 @@ class Services:
 
     def model_note(self) -> str:
         if self.uses_demo_model:
-            return DEMO_NOTE
+            return demo_note()
         return f"Model: {self.model_spec} on {self.device}."
+
+    def demo_header(self) -> str:
+        """Markdown for the UI header: what the demo models are, what they were trained on, how to use real ones."""
+        from engines.detectors import DEMO_DETECTOR_ASSETS, DETECTOR_WEIGHTS
+
+        lines = []
+        if self.uses_demo_model:
+            lines.append(f"**Demo text-to-image model in use.** {demo_note()}")
+        if self.active_detector == DEMO:
+            lines.append("**Detector `demo`**: " + (
+                "trained on synthetic corruptions of the sample photos (the studio's own region-corruption "
+                "pipeline), not a real-world artifact detector." if (DEMO_DETECTOR_ASSETS / DETECTOR_WEIGHTS).is_file()
+                else "a tiny untrained UperNet; its heatmaps are not meaningful."))
+        if lines:
+            lines.append("Real weights: `--model PATH_OR_HUB_ID` (a diffusers pipeline), `--sam sam:/path/sam_vit_b_01ec64.pth`, "
+                         "and a detector SPEC in Inspect (e.g. `diffdoctor:/path/ad_pytorch_model.bin` or a "
+                         "checkpoint folder).")
+        return "  \n".join(lines)
 
     def text2image(self):
         """The TextToImage engine for the configured model (loaded once; raises ModelNotFoundError)."""

@@ -57,7 +57,6 @@ def remember_session(session_id):
 
 
 def _header(services) -> str:
-    model = ("**Demo model in use**: tiny random weights built offline; generated images are noise-like "
-             "patterns, not meaningful pictures. Start with `--model PATH_OR_HUB_ID` for a real pipeline."
-             if services.uses_demo_model else f"Model: `{services.model_spec}` on `{services.device}`.")
-    return f"{model}  \nData directory: `{services.data_dir}`"
+    lines = [] if services.uses_demo_model else [f"Model: `{services.model_spec}` on `{services.device}`."]
+    lines += [services.demo_header()] if services.demo_header() else []
+    return "  \n".join(lines + [f"Data directory: `{services.data_dir}`"])

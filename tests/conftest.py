@@ -53,3 +53,14 @@ def trajectory_generation(text2image):
     base = dict(prompt="a cat", seed=5, num_inference_steps=4, width=64, height=64, num_images=2)
     return (text2image.generate(GenerateParams(**base)),
             text2image.generate(GenerateParams(**base, record_trajectory=True)))
+
+
+@pytest.fixture(scope="session")
+def untrained_detector_dir(tmp_path_factory) -> Path:
+    """The tiny config-built UperNet with random weights (input 256; logits spread so its heatmap spans
+    [0, 1]) as a checkpoint folder. For tests of detection, repair and tuning *mechanics*: it fires on
+    arbitrary images, where the trained demo detector (clean for anything but corruptions) would leave
+    nothing to act on. What the trained demo detector means is tested in tests/engines/test_demo_models.py."""
+    from engines.detectors import save_untrained_demo_detector
+
+    return save_untrained_demo_detector(tmp_path_factory.mktemp("untrained-detector") / "detector")

@@ -95,7 +95,7 @@ def generate_images(services, shared: Shared, session_id, prompt: str, negative_
     except Cancelled:
         return show_generated(services, sid), "Stopped; nothing was saved."
     records = services.save_generation(sid, result, lora=lora_dir or None)
-    note = " (demo model: not a meaningful image)" if result.is_demo else ""
+    note = " (demo model: a tiny model trained on 15 bundled photos, not a general generator)" if result.is_demo else ""
     status = f"Saved {len(records)} image(s) in {result.duration_s:.1f} s{note}."
     return show_generated(services, sid), status
 

@@ -291,7 +291,7 @@ def run_repair(services, shared: Shared, chosen: list, threshold, grow, feather,
               f"{100 * best.artifact_area_after:.1f}% after (best, seed {best.seed}); pixels outside the grown mask "
               f"changed by at most {best.outside_max_change}.")
     if services.uses_demo_model:
-        status += " Demo model: the inpainting is not a meaningful image."
+        status += " Demo models: inpainted by the tiny demo model, scored by the demo detector."
     return items, gr.Radio(choices=choices, value=choices[0]), _pair(view, 0, heat_sides), status
 
 

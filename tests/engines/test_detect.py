@@ -1,7 +1,7 @@
 """engines.detect: heatmaps at native size, sliding windows, regions, overlays, metrics, trajectory maps.
 
-The detector is the demo detector (a tiny untrained UperNet, input 256, logits spread so heatmaps
-span [0, 1]); metrics are checked against hand-computed numbers and an independent mmseg-style mIoU.
+The detector is the untrained config-built demo UperNet (tests/conftest.py `untrained_detector_dir`:
+tiny, input 256, logits spread so heatmaps span [0, 1]); metrics are checked against hand-computed numbers and an independent mmseg-style mIoU.
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ def smooth(h: int, w: int, seed: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def detector(tmp_path_factory) -> ArtifactDetector:
-    loaded = load_detector("demo", data_dir=tmp_path_factory.mktemp("det-data"))
+def detector(tmp_path_factory, untrained_detector_dir) -> ArtifactDetector:
+    loaded = load_detector(str(untrained_detector_dir), data_dir=tmp_path_factory.mktemp("det-data"))
     assert loaded.extra.input_size == 256
     return ArtifactDetector(loaded)
 
@@ -39,13 +39,13 @@ def detector(tmp_path_factory) -> ArtifactDetector:
 # ------------------------------------------------------------------ predict
 @pytest.mark.parametrize("mode", ["resize", "sliding"])
 @pytest.mark.parametrize("size", [(37, 101), (300, 451)])
-def test_predict_native_size_float32_in_unit_range(detector, mode, size):
+def test_predict_native_size_float32_in_unit_range(detector, untrained_detector_dir, mode, size):
     h, w = size
     heat = detector.predict([smooth(h, w, 0)], mode=mode)[0]
     assert heat.scores.shape == (h, w) and heat.scores.dtype == np.float32
     assert heat.scores.min() >= 0.0 and heat.scores.max() <= 1.0
     assert heat.scores.std() > 0.01  # a real map, not a constant
-    assert heat.detector_id == "demo" and heat.is_demo is True
+    assert heat.detector_id == str(untrained_detector_dir) and heat.is_demo is False
 
 
 def test_resize_batch_equals_per_image_calls(detector):

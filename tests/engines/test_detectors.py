@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from engines.detect import ArtifactDetector
-from engines.detectors import (DEMO_DETECTOR_NOTE, DETECTOR_CONFIG, DETECTOR_WEIGHTS, IMAGENET_MEAN, IMAGENET_STD,
-                               DetectorSpec, _load_state, diffdoctor_config, load_detector, safe_torch_load,
-                               save_detector, tiny_upernet_config, upernet_config)
+from engines.detectors import (DEMO_DETECTOR_ASSETS, DEMO_DETECTOR_NOTE, DEMO_UNTRAINED_DETECTOR_NOTE, DETECTOR_CONFIG,
+                               DETECTOR_WEIGHTS, IMAGENET_MEAN, IMAGENET_STD, DetectorSpec, _load_state,
+                               demo_detector_dir, diffdoctor_config, load_detector, safe_torch_load, save_detector,
+                               save_untrained_demo_detector, tiny_upernet_config, upernet_config)
 from engines.models import LoadedModel, ModelNotFoundError
 
 torch.set_num_threads(2)
@@ -91,26 +92,47 @@ class Evil:
 
 
 # ------------------------------------------------------------------ demo
-def test_demo_detector_is_marked_untrained(tmp_path):
+def test_demo_detector_is_the_shipped_trained_one_and_says_what_it_is(tmp_path):
     loaded = load_detector("demo", data_dir=tmp_path)
     assert loaded.is_demo and loaded.kind == "detector" and loaded.model_id == "demo"
-    assert loaded.note == DEMO_DETECTOR_NOTE and "untrained" in loaded.note.lower()
+    assert loaded.note == DEMO_DETECTOR_NOTE
+    assert "trained on synthetic corruptions of the sample photos" in loaded.note
+    assert "not a real-world artifact detector" in loaded.note
     spec = loaded.extra
-    assert isinstance(spec, DetectorSpec) and spec.trained is False
-    assert (spec.family, spec.input_size, spec.activation, spec.channel) == ("upernet", 256, "softmax", 1)
+    assert isinstance(spec, DetectorSpec) and spec.trained is True
+    assert (spec.family, spec.input_size, spec.activation, spec.channel) == ("upernet", 128, "softmax", 1)
     assert not loaded.model.training
+    assert sum(p.numel() for p in loaded.model.parameters()) < 2_500_000  # weights <= 10 MB
+    folder = demo_detector_dir(tmp_path)
+    for name in (DETECTOR_WEIGHTS, DETECTOR_CONFIG):  # copied from assets/demo_detector, byte for byte
+        assert sha256(folder / name) == sha256(DEMO_DETECTOR_ASSETS / name)
+    provenance = json.loads((folder / DETECTOR_CONFIG).read_text())["provenance"]
+    assert provenance["demo"] is True and provenance["script"] == "assets/demo_detector/train_demo_detector.py"
+    assert not set(provenance["data"]["photos_train"]) & set(provenance["data"]["photos_heldout"])
     # None means the demo too
     assert load_detector(None, data_dir=tmp_path).is_demo
 
 
-def test_demo_detector_is_bit_identical_in_fresh_dirs(tmp_path):
-    load_detector("demo", data_dir=tmp_path / "a")
-    load_detector("demo", data_dir=tmp_path / "b")
-    a = tmp_path / "a" / "models" / "demo-detector" / DETECTOR_WEIGHTS
-    b = tmp_path / "b" / "models" / "demo-detector" / DETECTOR_WEIGHTS
-    assert a.is_file() and sha256(a) == sha256(b)
-    meta = json.loads((a.parent / DETECTOR_CONFIG).read_text())
+def test_demo_detector_copy_is_refreshed_when_the_shipped_weights_change(tmp_path):
+    load_detector("demo", data_dir=tmp_path)
+    folder = demo_detector_dir(tmp_path)
+    (folder / DETECTOR_WEIGHTS).write_bytes(b"an older release")
+    (folder / "artifact_studio_demo.json").write_text("an older digest\n")
+    load_detector("demo", data_dir=tmp_path)
+    assert sha256(folder / DETECTOR_WEIGHTS) == sha256(DEMO_DETECTOR_ASSETS / DETECTOR_WEIGHTS)
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["demo-detector"]  # no temporary folder left
+
+
+def test_untrained_demo_detector_is_marked_and_bit_identical(tmp_path):
+    a = save_untrained_demo_detector(tmp_path / "a")
+    b = save_untrained_demo_detector(tmp_path / "b")
+    assert sha256(a / DETECTOR_WEIGHTS) == sha256(b / DETECTOR_WEIGHTS)
+    meta = json.loads((a / DETECTOR_CONFIG).read_text())
     assert meta["provenance"]["demo"] is True and meta["provenance"]["seed"] == 0
+    loaded = load_detector(str(a), data_dir=tmp_path)
+    assert loaded.extra.trained is False and "untrained" in loaded.note.lower()
+    assert (loaded.extra.family, loaded.extra.input_size) == ("upernet", 256)
+    assert "untrained" in DEMO_UNTRAINED_DETECTOR_NOTE.lower()
 
 
 # ------------------------------------------------------------------ our checkpoint format

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from engines.models import (
-    DEMO_MARKER, DEMO_NOTE, LOADERS, ModelNotFoundError, build_byte_tokenizer, build_demo_pipeline,
-    ensure_demo_pipeline, load, load_text2image,
+    DEMO_MARKER, DEMO_NOTE, DEMO_SIZE, DEMO_UNTRAINED_NOTE, LOADERS, ModelNotFoundError, build_byte_tokenizer,
+    build_demo_pipeline, demo_note, demo_trained_parts, ensure_demo_pipeline, load, load_text2image,
 )
 from engines.models import demo_dir as demo_folder
 
@@ -43,17 +43,51 @@ def test_demo_build_is_bit_identical_for_the_same_seed(demo_dir, tmp_path):
     assert fresh == reference
 
 
-def test_demo_build_differs_with_another_seed(demo_dir, tmp_path):
+def test_demo_build_differs_with_another_seed_only_in_untrained_parts(demo_dir, tmp_path):
     other = file_hashes(ensure_demo_pipeline(tmp_path / "seed1", seed=1))
     reference = file_hashes(demo_dir)
     assert set(other) == set(reference)
+    trained = demo_trained_parts()
     for weights in WEIGHT_FILES:
-        if weights.startswith("vae/"):  # the trained demo VAE (assets/demo_vae) is the same for every seed
+        if weights.split("/")[0] in trained:  # shipped trained weights (assets/demo_*) are the same for every seed
             assert other[weights] == reference[weights], weights
         else:
             assert other[weights] != reference[weights], weights
     assert other["model_index.json"] == reference["model_index.json"]  # same architecture, other weights
     assert json.loads((tmp_path / "seed1" / "models" / "demo-sd" / DEMO_MARKER).read_text())["seed"] == 1
+
+
+def test_untrained_config_built_pipeline_depends_on_the_seed_alone():
+    import torch
+
+    a, b, c = build_demo_pipeline(0, trained=()), build_demo_pipeline(0, trained=()), build_demo_pipeline(1, trained=())
+    for name in ("unet", "vae", "text_encoder"):
+        sa, sb, sc = (getattr(p, name).state_dict() for p in (a, b, c))
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+        assert not all(torch.equal(sa[k], sc[k]) for k in sa), name
+    assert a.vae.config.scaling_factor == b.vae.config.scaling_factor
+    with pytest.raises(ValueError, match="Unknown demo parts"):
+        build_demo_pipeline(0, trained=("unet", "controlnet"))
+
+
+def test_demo_ships_trained_weights_and_says_what_they_are():
+    assert set(demo_trained_parts()) == {"vae", "unet", "text_encoder"}
+    assert demo_note() == DEMO_NOTE and demo_note([]) == DEMO_UNTRAINED_NOTE
+    assert "trained" in DEMO_NOTE and "--model" in DEMO_NOTE and "not meaningful" in DEMO_UNTRAINED_NOTE
+    pipe = build_demo_pipeline(0)
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == DEMO_SIZE  # the default size is the training size
+
+
+def test_a_demo_folder_saved_from_other_weights_is_rebuilt(demo_dir, tmp_path):
+    data = tmp_path / "data"
+    target = ensure_demo_pipeline(data)
+    marker = json.loads((target / DEMO_MARKER).read_text())
+    assert marker["trained"] == demo_trained_parts() and marker["weights"]
+    marker["weights"] = "from an older release"
+    (target / DEMO_MARKER).write_text(json.dumps(marker))
+    (target / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"old weights")
+    assert ensure_demo_pipeline(data) == target
+    assert file_hashes(target) == file_hashes(demo_dir)
 
 
 def test_ensure_demo_pipeline_is_idempotent(demo_data_dir, demo_dir):
@@ -86,7 +120,7 @@ def test_load_demo_is_marked_and_matches_a_fresh_build(demo_data_dir, demo_dir):
     import torch
 
     loaded = load_text2image("demo", data_dir=demo_data_dir, device="cpu", dtype="float16")
-    assert loaded.is_demo is True and loaded.note == DEMO_NOTE and "not meaningful" in loaded.note
+    assert loaded.is_demo is True and loaded.note == DEMO_NOTE and "demo" in loaded.note.lower()
     assert loaded.kind == "text2image" and loaded.model_id == "demo" and loaded.device == "cpu"
     assert loaded.path == str(demo_dir)
     pipe = loaded.model

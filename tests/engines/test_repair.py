@@ -1,5 +1,5 @@
 """engines.repair: detect -> grow -> inpaint -> feathered paste-back -> re-score, with the demo
-pipeline and the demo detector (tiny, untrained: its "artifacts" are whatever it fires on) at 64x64,
+pipeline and the untrained config-built demo UperNet (tests/conftest.py; its "artifacts" are whatever it fires on) at 64x64,
 4 steps at strength 0.75 (3 denoising steps), no CFG. One torch thread (shared cores).
 """
 from __future__ import annotations
@@ -30,8 +30,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def detector(demo_data_dir):
-    return ArtifactDetector(load_detector("demo", data_dir=demo_data_dir))
+def detector(demo_data_dir, untrained_detector_dir):
+    """The untrained config-built UperNet (tests/conftest.py): it fires on arbitrary images, which is all
+    these mechanics tests need; the trained demo detector is tested in test_demo_models.py."""
+    return ArtifactDetector(load_detector(str(untrained_detector_dir), data_dir=demo_data_dir))
 
 
 @pytest.fixture(scope="module")

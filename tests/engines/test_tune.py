@@ -2,7 +2,7 @@
 the LoRA, leaves the caller's pipeline as it was, saves a LoRA that diffusers loads and that
 reproduces the tuned output, cancels into a loadable LoRA, and `apply_lora` switches on and off.
 
-The demo pipeline and the demo detector (tiny random UperNet, untrained): the "artifacts" are
+The demo pipeline and the untrained config-built demo UperNet (tests/conftest.py): the "artifacts" are
 whatever that detector happens to fire on, which is all the test needs. 64x64, 4 steps, K = 1,
 no CFG, 30 steps at lr 3e-3 (the engine's default stays 1e-4); rank 4 with alpha 8 so that the
 saved rank/alpha metadata matters when the LoRA is loaded again. One torch thread (shared cores).
@@ -36,8 +36,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def detector(demo_data_dir):
-    return ArtifactDetector(load_detector("demo", data_dir=demo_data_dir))
+def detector(demo_data_dir, untrained_detector_dir):
+    """The untrained config-built UperNet (tests/conftest.py): it fires on arbitrary images, which is all
+    these mechanics tests need; the trained demo detector is tested in test_demo_models.py."""
+    return ArtifactDetector(load_detector(str(untrained_detector_dir), data_dir=demo_data_dir))
 
 
 def fresh_pipeline(data_dir):

@@ -301,7 +301,7 @@ def test_services_detect_images_stores_the_detector_output(tmp_path):
             assert np.abs(services.store.load_heatmap(hid) - expected).max() <= 1 / 65535 + 1e-6
             (rec,) = services.store.list_heatmaps(image_id)
             assert (rec.detector_id, rec.family, rec.is_demo) == ("demo", "upernet", True)
-            assert rec.run_params["mode"] == "resize" and rec.run_params["spec"]["input_size"] == 256
+            assert rec.run_params["mode"] == "resize" and rec.run_params["spec"]["input_size"] == reference.spec.input_size
             assert rec.run_params["spec"]["mean"] == [0.485, 0.456, 0.406]
     finally:
         services.close()
