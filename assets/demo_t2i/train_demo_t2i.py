@@ -75,10 +75,14 @@ def vae_round_trip(pipe, view: np.ndarray) -> np.ndarray:
 
 
 def evaluate(pipe, seeds: int, steps: int, guidance: float, size: int = DEMO_SIZE) -> dict:
-    """Per photo (first caption): PSNR/SSIM of generated images against every canonical view."""
+    """Per photo (first caption): PSNR/SSIM of generated images against every photo's canonical view.
+
+    "identified_psnr" / "identified_ssim": the own photo is the most similar of all 15 by that measure.
+    SSIM favours flat, low-contrast references (the grey clock) for blurry images, so PSNR is the
+    identification measure quoted in the README; both are reported."""
     views = canonical_views(size)
     names = list(views)
-    per_photo, correct, total = {}, 0, 0
+    per_photo, hits_psnr, hits_ssim, total = {}, 0, 0, 0
     for entry in photo_catalogue():
         caption = entry["captions"][0]
         images = []
@@ -91,28 +95,34 @@ def evaluate(pipe, seeds: int, steps: int, guidance: float, size: int = DEMO_SIZ
         for img in images:
             s = {n: ssim(img, views[n]) for n in names}
             p = {n: psnr(img, views[n]) for n in names}
-            best_other = max((n for n in names if n != entry["name"]), key=lambda n: s[n])
-            ident = max(names, key=lambda n: s[n]) == entry["name"]
-            correct += ident
-            total += 1
+            others = [n for n in names if n != entry["name"]]
+            by_psnr, by_ssim = max(others, key=lambda n: p[n]), max(others, key=lambda n: s[n])
+            ok_psnr, ok_ssim = p[entry["name"]] > p[by_psnr], s[entry["name"]] > s[by_ssim]
+            hits_psnr, hits_ssim, total = hits_psnr + ok_psnr, hits_ssim + ok_ssim, total + 1
             rows.append({"ssim": round(s[entry["name"]], 4), "psnr": round(p[entry["name"]], 2),
-                         "best_other": best_other, "best_other_ssim": round(s[best_other], 4),
-                         "best_other_psnr": round(p[best_other], 2), "identified": bool(ident)})
+                         "best_other_psnr": [by_psnr, round(p[by_psnr], 2)],
+                         "best_other_ssim": [by_ssim, round(s[by_ssim], 4)],
+                         "identified_psnr": bool(ok_psnr), "identified_ssim": bool(ok_ssim)})
         ceiling = vae_round_trip(pipe, views[entry["name"]])
         per_photo[entry["name"]] = {
             "caption": caption, "seeds": rows,
             "ssim_mean": round(float(np.mean([r["ssim"] for r in rows])), 4),
             "psnr_mean": round(float(np.mean([r["psnr"] for r in rows])), 2),
-            "best_other_ssim_mean": round(float(np.mean([r["best_other_ssim"] for r in rows])), 4),
-            "identified": sum(r["identified"] for r in rows),
+            "best_other_psnr_mean": round(float(np.mean([r["best_other_psnr"][1] for r in rows])), 2),
+            "best_other_ssim_mean": round(float(np.mean([r["best_other_ssim"][1] for r in rows])), 4),
+            "identified_psnr": sum(r["identified_psnr"] for r in rows),
+            "identified_ssim": sum(r["identified_ssim"] for r in rows),
             "vae_ceiling_ssim": round(ssim(ceiling, views[entry["name"]]), 4),
             "vae_ceiling_psnr": round(psnr(ceiling, views[entry["name"]]), 2),
         }
-    return {"per_photo": per_photo, "identified": correct, "generated": total,
-            "identification_rate": round(correct / max(1, total), 4),
-            "ssim_own_mean": round(float(np.mean([v["ssim_mean"] for v in per_photo.values()])), 4),
-            "ssim_best_other_mean": round(float(np.mean([v["best_other_ssim_mean"] for v in per_photo.values()])), 4),
-            "psnr_own_mean": round(float(np.mean([v["psnr_mean"] for v in per_photo.values()])), 2),
+    mean = lambda key: float(np.mean([v[key] for v in per_photo.values()]))  # noqa: E731
+    return {"per_photo": per_photo, "generated": total,
+            "identification_rate_psnr": round(hits_psnr / max(1, total), 4),
+            "identification_rate_ssim": round(hits_ssim / max(1, total), 4),
+            "psnr_own_mean": round(mean("psnr_mean"), 2), "psnr_best_other_mean": round(mean("best_other_psnr_mean"), 2),
+            "ssim_own_mean": round(mean("ssim_mean"), 4), "ssim_best_other_mean": round(mean("best_other_ssim_mean"), 4),
+            "vae_ceiling_psnr_mean": round(mean("vae_ceiling_psnr"), 2),
+            "vae_ceiling_ssim_mean": round(mean("vae_ceiling_ssim"), 4),
             "settings": {"seeds": list(range(seeds)), "num_inference_steps": steps, "guidance_scale": guidance,
                          "size": size, "scheduler": "DDIM (the pipeline's)", "caption": "each photo's first caption",
                          "reference": "canonical view: centred square of the shorter side, Lanczos to size"}}
@@ -171,6 +181,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-guidance", type=float, default=7.5)
     ap.add_argument("--save-every", type=int, default=1000, help="write the EMA weights to --out every N steps")
     ap.add_argument("--eval-only", action="store_true", help="evaluate the weights in --out; no training")
+    ap.add_argument("--write-metrics", action="store_true", help="with --eval-only: replace the 'eval' entry of "
+                                                                  "--out/metrics.json with the new evaluation")
     args = ap.parse_args(argv)
 
     t0 = time.time()
@@ -183,6 +195,11 @@ def main(argv=None) -> dict:
         pipe.set_progress_bar_config(disable=True)
         result = evaluate(pipe, args.eval_seeds, args.eval_steps, args.eval_guidance)
         print(json.dumps({k: v for k, v in result.items() if k != "per_photo"}, indent=1))
+        metrics_file = out / "metrics.json"
+        if args.write_metrics and metrics_file.is_file():  # refresh the evaluation of the shipped weights
+            metrics = json.loads(metrics_file.read_text())
+            metrics["eval"] = result
+            metrics_file.write_text(json.dumps(metrics, indent=1) + "\n")
         return result
 
     torch.manual_seed(args.seed)
