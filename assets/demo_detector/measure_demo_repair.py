@@ -52,12 +52,13 @@ def main(argv=None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="demo-repair-"))
     corruptor = demo_corruptor(work / "data")
     heldout = build_dataset(corruptor, "heldout", args.seed)
-    views = {s[3].rsplit("/", 1)[0]: s[0] for s in heldout if s[2] == "clean"}
-    samples = [s for s in heldout if s[2] == "corrupted"]
+    views = {s.name.rsplit("/", 1)[0]: s.image for s in heldout if s.kind == "clean"}
+    samples = [s for s in heldout if s.kind == "corrupted"]
     detector = ArtifactDetector(load_detector("demo", data_dir=work / "data"))
     params = RepairParams()  # the Inspect tab's defaults
     rows, skipped = [], []
-    for image, mask, _, name in samples:
+    for sample in samples:
+        image, mask, name = sample.image, sample.mask, sample.name
         clean = views[name.split("/m")[0]]
         try:
             result = repair(image, detector, corruptor.loaded, params)

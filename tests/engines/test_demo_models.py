@@ -74,13 +74,20 @@ def test_a_prompt_naming_a_photo_generates_that_photo(text2image, prompt, own, o
 
 # ------------------------------------------------------------------ detector and repair on a held-out photo
 @pytest.fixture(scope="module")
-def corrupted(text2image):
-    """A held-out photo (coffee: the demo detector never saw it) corrupted inside a blob by the demo model."""
-    from engines.corrupt import CorruptParams, RegionCorruptor
+def corruptor(text2image):
+    from engines.corrupt import RegionCorruptor
 
-    corruptor = RegionCorruptor(text2image.loaded)
+    return RegionCorruptor(text2image.loaded)
+
+
+@pytest.fixture(scope="module")
+def corrupted(corruptor):
+    """A held-out photo (coffee: the demo detector never saw it) with a blob corrupted by the studio's direct
+    corruption (the paper's Table 4 baseline, what the demo detector was trained on) over the demo model."""
+    from engines.corrupt import CorruptParams
+
     view = centre_view("coffee")
-    result = corruptor.corrupt(view, blob_mask(3), CorruptParams(seed=1))
+    result = corruptor.corrupt(view, blob_mask(3), CorruptParams(method="direct", seed=1))
     return view, result.image, result.mask
 
 
@@ -91,16 +98,15 @@ def detector(demo_data_dir):
 
     loaded = load_detector("demo", data_dir=demo_data_dir)
     assert loaded.is_demo and loaded.extra.trained
-    assert "coffee" in loaded.model.config.to_dict() or True  # provenance is checked below
     return ArtifactDetector(loaded)
 
 
 def test_demo_detector_was_never_trained_on_the_held_out_photo(demo_data_dir):
     import json
 
-    from engines.detectors import demo_detector_dir
+    from engines.detectors import ensure_demo_detector
 
-    provenance = json.loads((demo_detector_dir(demo_data_dir) / "detector.json").read_text())["provenance"]
+    provenance = json.loads((ensure_demo_detector(demo_data_dir) / "detector.json").read_text())["provenance"]
     assert "coffee" in provenance["data"]["photos_heldout"]
     assert "coffee" not in provenance["data"]["photos_train"]
 
@@ -120,6 +126,18 @@ def test_repair_with_the_demo_models_lowers_the_artifact_area(detector, corrupte
     _, image, _ = corrupted
     result = repair(image, detector, text2image.loaded, RepairParams(seeds=(0, 1), num_inference_steps=10))
     best = result.best
-    assert best.artifact_area_before > 0.5
+    assert best.artifact_area_before > 0.3
     assert best.artifact_area_after < 0.5 * best.artifact_area_before
     assert best.outside_max_change == 0
+
+
+def test_the_demo_model_paints_a_memorised_photo_back_at_the_papers_settings(corruptor):
+    """Why the demo detector trains on direct corruptions: on a photo the demo model memorised, the paper's
+    main method (ReNoise, step 40 of 50, resampled) leaves almost no trace; the direct corruption does."""
+    from engines.corrupt import CorruptParams
+
+    view, mask = centre_view("coffee"), blob_mask(3)
+    main = corruptor.corrupt(view, mask, CorruptParams(seed=1))
+    direct = corruptor.corrupt(view, mask, CorruptParams(method="direct", seed=1))
+    assert main.inside_change_vs_resample < 5  # of 255: restored from memory
+    assert direct.inside_change_vs_resample > 30
