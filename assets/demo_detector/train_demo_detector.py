@@ -202,7 +202,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--method", default="direct", help="corruption method of the training data (default: direct)")
-    ap.add_argument("--train-views", type=int, default=12, help="random 128 px views per training photo")
+    ap.add_argument("--train-views", type=int, default=24, help="random 128 px views per training photo")
     ap.add_argument("--heldout-views", type=int, default=4, help="random 128 px views per held-out photo")
     ap.add_argument("--input-size", type=int, default=SIZE, help="detector input side (the 128 px views are resized to it)")
     ap.add_argument("--work", default=None, help="working folder (default: a temporary one)")
@@ -235,7 +235,8 @@ def main(argv=None) -> dict:
     held_corrupted = [s for s in heldout if s.kind == "corrupted"]
     t_train = time.time()
     result = train_detector(config, [to_sample(s) for s in train_set], [to_sample(s) for s in held_corrupted],
-                            work / "train", resume=False, log=lambda row: print(json.dumps(row), flush=True))
+                            work / "train", resume=False, num_workers=0,
+                            log=lambda row: print(json.dumps(row), flush=True))
     train_seconds = time.time() - t_train
 
     loaded = load_detector(str(result.last_dir), data_dir=work)
