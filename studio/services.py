@@ -111,15 +111,19 @@ class Services:
 
         lines = []
         if self.uses_demo_model:
-            lines.append(f"**Demo text-to-image model in use.** {demo_note()}")
+            note = demo_note().removeprefix("Demo model: ")
+            lines.append(f"**Demo model in use.** {note[:1].upper()}{note[1:]}")
         if self.active_detector == DEMO:
-            lines.append("**Detector `demo`**: " + (
-                "trained on synthetic corruptions of the sample photos (the studio's own region-corruption "
-                "pipeline), not a real-world artifact detector." if (DEMO_DETECTOR_ASSETS / DETECTOR_WEIGHTS).is_file()
+            lines.append("**Detector `demo`** — demo detector: " + (
+                "trained on synthetic corruptions of the sample photos, not a real-world artifact detector "
+                "(a 0.43M-parameter UperNet; 11 of the 15 photos, their blob regions corrupted by the studio's own "
+                "pipeline with the paper's *direct* corruption — noise put into the latent; the 4 others held out). "
+                "It finds such corrupted regions; it knows nothing of real generator artifacts."
+                if (DEMO_DETECTOR_ASSETS / DETECTOR_WEIGHTS).is_file()
                 else "a tiny untrained UperNet; its heatmaps are not meaningful."))
         if lines:
             lines.append("Real weights: `--model PATH_OR_HUB_ID` (a diffusers pipeline), `--sam sam:/path/sam_vit_b_01ec64.pth`, "
-                         "and a detector SPEC in Inspect (e.g. `diffdoctor:/path/ad_pytorch_model.bin` or a "
+                         "and a detector SPEC in Inspect or the Models tab (e.g. `diffdoctor:/path/ad_pytorch_model.bin` or a "
                          "checkpoint folder).")
         return "  \n".join(lines)
 
@@ -182,8 +186,7 @@ class Services:
         del old
         gc.collect()
         _empty_device_cache(self.device)
-        return f"Text-to-image model is now '{spec}' on {self.device}" + (" (demo: not meaningful images)."
-                                                                          if loaded.is_demo else ".")
+        return f"Text-to-image model is now '{spec}' on {self.device}" + (f". {demo_note()}" if loaded.is_demo else ".")
 
     def switch_segmenter(self, spec: str) -> str:
         """Load `spec` as the Label tab's segmenter (pages pick it up at their next image); a failure keeps the old one."""
@@ -212,9 +215,10 @@ class Services:
             reason = first_line(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {first_line(exc)}"
             raise ValueError(f"Could not load detector '{spec}' ({reason}); still using '{self.active_detector}'.") from None
         self.active_detector = spec
-        return (f"Default detector is now '{spec}' ({detector.spec.family}" +
-                (", untrained: heatmaps are not meaningful)." if detector.loaded.is_demo or not detector.spec.trained
-                 else ")."))
+        if not detector.spec.trained:
+            return f"Default detector is now '{spec}' ({detector.spec.family}, untrained: heatmaps are not meaningful)."
+        return f"Default detector is now '{spec}' ({detector.spec.family})." + (
+            f" {detector.loaded.note}" if detector.loaded.is_demo else "")
 
     def loaded_models(self) -> list[dict]:
         """What this process holds: [{"role", "spec", "device", "parameters", "memory_mb", "note"}]."""
@@ -234,7 +238,9 @@ class Services:
             for spec, detector in self._detectors.items():
                 rows.append({"role": "detector" + (" (default)" if spec == self.active_detector else ""), "spec": spec,
                              "device": detector.loaded.device, **_module_size(detector.loaded.model),
-                             "note": "demo / untrained" if detector.loaded.is_demo else "loaded"})
+                             "note": ("untrained" if not detector.spec.trained else
+                                      "demo: synthetic corruptions of the sample photos" if detector.loaded.is_demo
+                                      else "loaded")})
             if self.active_detector not in self._detectors:
                 rows.append({"role": "detector (default)", "spec": self.active_detector, "device": self.device,
                              "parameters": None, "memory_mb": None, "note": "loads on first use"})

@@ -263,6 +263,8 @@ def show_generated(services, session_id) -> list:
 
 
 def _default_size(services) -> tuple[int, int]:
-    # The demo pipeline makes 256x256; real SD-style pipelines default to 512 (SDXL: 1024).
-    return (256, 256) if services.uses_demo_model else (512, 512)
+    # The demo pipeline was trained at 128x128 (DEMO_SIZE); real SD-style pipelines default to 512 (SDXL: 1024).
+    from engines.models import DEMO_SIZE
+
+    return (DEMO_SIZE, DEMO_SIZE) if services.uses_demo_model else (512, 512)
 
