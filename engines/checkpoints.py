@@ -40,6 +40,9 @@ def safe_torch_load(path: str | os.PathLike) -> dict:
                          "weights file; give a safetensors file or a plain state dict.") from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise ValueError(f"'{path.name}' is not a readable PyTorch checkpoint: {first_line(exc)}") from None
+    except Exception:  # noqa: BLE001 - arbitrary bytes make the unpickler raise IndexError, KeyError, struct.error...
+        raise ValueError(f"'{path.name}' is not a PyTorch checkpoint: its content could not be read as one (damaged, "
+                         "truncated or another kind of file).") from None
     if not isinstance(obj, dict):
         raise ValueError(f"'{path.name}' holds a {type(obj).__name__}, not a state dict.")
     return obj

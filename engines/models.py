@@ -2,7 +2,7 @@
 
 `LoadedModel` says what a loaded model is and where it came from; `load_text2image` takes a spec
 (``"demo"``, a local folder or a hub id). The one registry of every model kind (text-to-image,
-detector, segmenter) is `engines.registry.LOADERS`, which imports this module (never the reverse). The demo set is a tiny
+detector, segmenter, classifier) is `engines.registry.LOADERS`, which imports this module (never the reverse). The demo set is a tiny
 Stable-Diffusion-shaped pipeline built from configs with a fixed seed, saved once with
 `save_pretrained` and then loaded through the very same `from_pretrained` path as real models.
 Nothing here reads the environment or touches the network at import time.

@@ -1,12 +1,13 @@
 """The one loading registry: a model kind maps to a loader taking a spec ("demo", a path or hub id).
 
 Each loader returns an `engines.models.LoadedModel`. This module sits above the engines it names
-(models, detectors, segment), so every import points one way: they never import it.
+(models, detectors, segment, classify), so every import points one way: they never import it.
 """
 from __future__ import annotations
 
 from typing import Callable
 
+from engines.classify import load_classifier_model
 from engines.detectors import load_detector
 from engines.models import LoadedModel, load_text2image
 from engines.segment import load_segmenter_model
@@ -15,6 +16,7 @@ LOADERS: dict[str, Callable[..., LoadedModel]] = {
     "text2image": load_text2image,
     "detector": load_detector,
     "segmenter": load_segmenter_model,
+    "classifier": load_classifier_model,
 }
 """Model kind -> loader(spec, *, data_dir, device, ...)."""
 

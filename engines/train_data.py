@@ -16,12 +16,10 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence, Union
+from typing import Any, Sequence, Union
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from engines.train_detector import TrainConfig
 
 SOURCES = ("human", "synthetic", "pseudo")
 SAMPLINGS = ("balanced", "uniform")
@@ -114,7 +112,7 @@ class BalancedSampler:
     are kept).
     """
 
-    def __init__(self, train: Sequence[Sample], config: TrainConfig):
+    def __init__(self, train: Sequence[Sample], config: Any):  # an engines.train_detector.TrainConfig
         self.config = config
         self.samples = list(train)
         area, points = [], []

@@ -44,7 +44,7 @@ class StudioAPI:
 
     ENDPOINTS = ("list_sessions", "create_session", "rename_session", "delete_session", "list_images", "generate",
                  "detect", "label_regions", "export", "corrupt_preview", "repair", "list_tasks", "cancel_task",
-                 "list_models", "switch_model")
+                 "list_models", "switch_model", "class_counts", "suggest_class")
     LONG = ("generate", "detect", "corrupt_preview", "repair", "switch_model")  # run models: one GPU lane
 
     def __init__(self, services):
@@ -132,17 +132,34 @@ class StudioAPI:
                  "mask_file": masks[r.mask_id].path if r.mask_id in masks else None}
                 for r in store.label_state(int(image_id)).regions]
 
-    def export(self, session: int | str, format: str = "coco", folder: str = "") -> dict:  # noqa: A002
-        """Export the session's labels (png, coco, hf, synartifact, mmseg) to a new or empty folder
-        (relative = inside the data directory). Returns {format, out_dir, images, regions, files}."""
+    def export(self, session: int | str, format: str = "coco", folder: str = "",  # noqa: A002
+               unlabelled_as_background: bool = False) -> dict:
+        """Export the session's labels (png, coco, hf, synartifact, mmseg, vlm) to a new or empty folder inside
+        <data-dir>/exports (or `serve --export-root`), split by image family; never-labelled images only
+        with `unlabelled_as_background`. Returns {format, out_dir, images, regions, files}."""
         from studio.export import export_session
         from studio.tabs.sessions import export_folder
 
         info = self.services.store.get_session(session)
         out = export_folder(self.services, folder)
-        summary = export_session(self.services.store, info.id, format, out, self.services.taxonomy(info.id))
+        summary = export_session(self.services.store, info.id, format, out, self.services.taxonomy(info.id),
+                                 unlabelled_as_background=bool(unlabelled_as_background))
         return {"format": summary.fmt, "out_dir": summary.out_dir, "images": summary.images,
                 "regions": summary.regions, "files": summary.files}
+
+    # -- artifact classes (SynArtifact)
+    def class_counts(self, session: int | str) -> dict:
+        """Current label regions of the session per class: {class name (or "unclassified"): count}."""
+        counts = self.services.store.class_counts(session)
+        return {name if name is not None else "unclassified": int(n) for name, n in counts.items()}
+
+    def suggest_class(self, image_id: int, region: str, classifier: str = "", top: int = 3) -> dict:
+        """What a classifier (default: the studio's, else "demo") says about one label region (its key, as in
+        label_regions); nothing is written. Returns {classes: [[name, probability]] (the `top` best),
+        class_name, caption, note, classifier}."""
+        spec = (classifier or "").strip() or self.services.active_classifier or None
+        out = self.services.suggest(int(image_id), str(region), spec, top=int(top))
+        return {**out, "classes": [[name, float(p)] for name, p in out["classes"]]}
 
     # -- corrupt and repair
     def corrupt_preview(self, image_id: int, source: str = "random blobs", method: str = "renoise", steps: int = 50,
@@ -259,7 +276,7 @@ def register(services) -> StudioAPI:
     api = StudioAPI(services)
     for name in StudioAPI.ENDPOINTS:
         extra = {"concurrency_limit": None} if name in StudioAPI.LONG else {}
-        if name == "switch_model":
+        if name in ("switch_model", "suggest_class"):
             extra = {"concurrency_id": GPU, "concurrency_limit": 1}
         gr.api(_api_errors(getattr(api, name)), api_name=name, **extra)
     return api

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", parents=[common], help="export a session's labels (png, coco, hf, synartifact, mmseg)")
     exp.add_argument("--session", required=True)
-    exp.add_argument("--format", required=True, choices=["png", "coco", "hf", "synartifact", "mmseg"])
+    exp.add_argument("--format", required=True, choices=["png", "coco", "hf", "synartifact", "mmseg", "vlm"])
     exp.add_argument("--out", required=True, help="output folder (must be empty or new)")
     exp.add_argument("--val-fraction", type=float, default=0.2, help="share of families (with human labels) in val")
     exp.add_argument("--test-fraction", type=float, default=0.2, help="share of families (with human labels) in test")
@@ -126,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     tu = sub.add_parser("tune", parents=[common], help="tune a LoRA with a detector's per-pixel feedback (DiffDoctor stage 2)")
     tu.add_argument("--prompts", required=True, help="text file, one prompt per line")
-    tu.add_argument("--detector", required=True)
+    tu.add_argument("--detector", default=None, help="the detector whose per-pixel map is the loss (required without "
+                    "--feedback); with --feedback, the pixel detector of the before/after report (default demo)")
+    tu.add_argument("--feedback", default=None, metavar="classifier:SPEC",
+                    help="use a classifier's artifact probability as the reward instead (DDPO, see README)")
     tu.add_argument("--model", default="demo")
     tu.add_argument("--steps", type=int, default=200)
     tu.add_argument("--seed", type=int, default=0, help="seeds training and the prompt split (default 0)")
@@ -146,6 +149,37 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: CUDA > MPS > CPU)")
     tu.add_argument("--detach", action="store_true")
     tu.add_argument("--json", action="store_true")
+
+    tc = sub.add_parser("train-classifier", parents=[common], help="fine-tune an artifact classifier on a session's regions, as a job")
+    tc.add_argument("--session", help="session with regions labelled with classes")
+    tc.add_argument("--classifier", default="demo", help="demo, head:FOLDER, vlm:FOLDER_OR_HUB_ID or a checkpoint folder")
+    tc.add_argument("--lora", action="store_true", help="VLM: train LoRA adapters (default: all language-model weights)")
+    tc.add_argument("--level", default="region", choices=["region", "image"], help="classify regions or whole images")
+    tc.add_argument("--steps", type=int, default=300)
+    tc.add_argument("--batch-size", type=int, default=None, help="default 32 (head) or 4 (VLM)")
+    tc.add_argument("--lr", type=float, default=None, help="default 1e-3 (head), 1e-4 (VLM LoRA), 1e-5 (VLM full)")
+    tc.add_argument("--eval-every", type=int, default=50)
+    tc.add_argument("--val-fraction", type=float, default=0.2, help="share of families (with human labels) in val")
+    tc.add_argument("--test-fraction", type=float, default=0.2, help="share of families (with human labels) in test")
+    tc.add_argument("--split-seed", type=int, default=0, help="seed of the family split (the same as train-detector's)")
+    tc.add_argument("--seed", type=int, default=0, help="training seed")
+    tc.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cpu for a head, else CUDA > MPS > CPU)")
+    tc.add_argument("--resume", type=int, metavar="JOB", help="resume an interrupted/cancelled job instead")
+    tc.add_argument("--detach", action="store_true", help="start the job and return at once")
+    tc.add_argument("--json", action="store_true")
+
+    cl = sub.add_parser("classify", parents=[common], help="name and describe artifacts with a classifier (SynArtifact)")
+    cl.add_argument("--classifier", default="demo", help="demo, head:FOLDER, vlm:FOLDER_OR_HUB_ID or a checkpoint folder")
+    csrc2 = cl.add_mutually_exclusive_group(required=True)
+    csrc2.add_argument("--session", help="classify a session's images (nothing is written to the session)")
+    csrc2.add_argument("--images", help="classify the image files of a folder")
+    cl.add_argument("--regions", default="none", choices=["none", "labels"],
+                    help="session only: classify whole images (none) or each Label region (labels)")
+    cl.add_argument("--threshold", type=float, default=None, help="class probability threshold (default: the classifier's)")
+    cl.add_argument("--no-captions", action="store_true", help="skip caption generation (faster with a VLM)")
+    cl.add_argument("--batch-size", type=int, default=8)
+    cl.add_argument("--json", action="store_true", help="machine-readable output")
+    cl.add_argument("--device", default=None, choices=["cpu", "cuda", "mps"])
 
     jb = sub.add_parser("jobs", parents=[common], help="list training jobs")
     jb.add_argument("--json", action="store_true")
@@ -925,6 +959,10 @@ def cmd_tune(args) -> int:
     from engines.tune import TuneConfig, split_prompts
     from studio.jobs import JobManager
 
+    if args.feedback:
+        return cmd_tune_feedback(args)
+    if not args.detector:
+        raise ValueError("--detector is required (or --feedback classifier:SPEC).")
     prompts = _read_prompts(args.prompts, "Prompt file")
     eval_prompts = _read_prompts(args.eval_prompts, "Evaluation prompt file") if args.eval_prompts else None
     if eval_prompts is not None and args.eval_fraction is not None:
@@ -1023,6 +1061,165 @@ def _tune_lines(result: dict) -> list[str]:
     return lines
 
 
+def cmd_tune_feedback(args) -> int:
+    """`tune --feedback classifier:SPEC`: DDPO on the LoRA with the classifier's artifact probability as reward.
+    Held-out prompts as in `tune` (engines.tune.split_prompts): --eval-prompts FILE, else a seeded --eval-fraction
+    (default 0.25) of --prompts that is never trained on."""
+    from engines.tune import split_prompts
+    from engines.tune_feedback import FeedbackConfig
+    from studio.jobs import JobManager
+
+    spec = args.feedback.strip()
+    if not spec.startswith("classifier:") or not spec[len("classifier:"):].strip():
+        raise ValueError(f"--feedback must look like classifier:SPEC (e.g. classifier:demo), got '{args.feedback}'.")
+    prompts = _read_prompts(args.prompts, "Prompt file")
+    eval_prompts = _read_prompts(args.eval_prompts, "Evaluation prompt file") if args.eval_prompts else None
+    if eval_prompts is not None and args.eval_fraction is not None:
+        raise ValueError("Give --eval-prompts or --eval-fraction, not both.")
+    fraction = 0.25 if args.eval_fraction is None else args.eval_fraction
+    split = split_prompts(prompts, eval_prompts, fraction=fraction, seed=args.seed)
+    prompts, held_out = list(split.train), list(split.evaluate)
+    config = {"steps": args.steps, "seed": args.seed}
+    FeedbackConfig(**config).validate()
+    services = _open_services(args)
+    try:
+        manager = JobManager(services.store)
+        job = manager.launch("lora-feedback", {"config": config, "prompts": prompts, "eval_prompts": held_out,
+                                               "classifier": spec[len("classifier:"):].strip(),
+                                               "detector": args.detector or "demo", "model": args.model})
+        return _follow(manager, job.id, args)
+    finally:
+        services.close()
+
+
+def cmd_train_classifier(args) -> int:
+    from engines.train_classifier import ClassifierTrainConfig
+    from studio.jobs import JobManager, resolve_device
+    from studio.splits import validate_fractions
+
+    services = _open_services(args)
+    try:
+        manager = JobManager(services.store)
+        if args.resume is not None:
+            job = manager.resume(args.resume)
+        else:
+            if not args.session:
+                raise ValueError("--session is required (or --resume JOB).")
+            session = services.store.get_session(args.session)
+            family = "vlm" if args.classifier.strip().startswith("vlm:") or _is_vlm_folder(args.classifier) else "head"
+            lr = args.lr if args.lr is not None else (1e-3 if family == "head" else 1e-4 if args.lora else 1e-5)
+            batch = args.batch_size if args.batch_size is not None else (32 if family == "head" else 4)
+            config = {"steps": args.steps, "batch_size": batch, "lr": lr, "eval_every": args.eval_every,
+                      "seed": args.seed, "lora": bool(args.lora)}
+            ClassifierTrainConfig(**config).validate()
+            validate_fractions(args.val_fraction, args.test_fraction)
+            if args.split_seed < 0:
+                raise ValueError(f"--split-seed must be a non-negative integer, got {args.split_seed}.")
+            device = resolve_device(args.device or ("cpu" if family == "head" else services.device))
+            if family == "head":  # a head (or demo) is small: loading it is the check, before any job exists
+                from engines.classify import load_classifier
+
+                load_classifier(args.classifier)
+            _check_classified_regions(services, session)
+            job = manager.launch("classifier", {"config": config, "classifier": args.classifier, "level": args.level,
+                                                "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
+                                                "split_seed": args.split_seed, "device": device}, session.id)
+        return _follow(manager, job.id, args)
+    finally:
+        services.close()
+
+
+def _check_classified_regions(services, session) -> None:
+    """ValueError unless some labelled region of the session has a class of its taxonomy (checked before a job exists)."""
+    names = {c["name"] for c in services.taxonomy(session.id)}
+    if not any(n and name in names for name, n in services.store.class_counts(session.id).items()):
+        raise ValueError(f"Session '{session.name}' has no labelled region with a class of its taxonomy; give regions "
+                         "a class in the Label tab first.")
+
+
+def _is_vlm_folder(spec: str) -> bool:
+    folder = Path(spec.strip()).expanduser()
+    meta = folder / "classifier.json"
+    try:
+        return folder.is_dir() and meta.is_file() and json.loads(meta.read_text()).get("family") == "vlm"
+    except (OSError, ValueError, AttributeError):
+        return False  # not a VLM checkpoint; loading it says what is wrong
+
+
+def cmd_classify(args) -> int:
+    from dataclasses import replace
+
+    from engines.images import find_images, load_image
+
+    if args.threshold is not None and not 0 < args.threshold < 1:
+        raise ValueError(f"--threshold must be strictly between 0 and 1, got {args.threshold}.")
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1.")
+    if args.regions != "none" and not args.session:
+        raise ValueError("--regions labels needs --session (folders have no regions).")
+    services = _open_services(args, uses=args.classifier)
+    try:
+        taxonomy = None
+        if args.session:
+            session = services.store.get_session(args.session)
+            records = services.store.list_images(session.id)
+            if not records:
+                raise ValueError(f"Session '{session.name}' has no images.")
+            taxonomy = services.taxonomy(session.id)
+            names = [Path(r.original_name or f"image-{r.id}").stem + f"-{r.id}" for r in records]
+            images = [services.store.load_rgb(r.id) for r in records]
+            regions, keys = None, None
+            if args.regions == "labels":
+                states = [services.store.label_state(r.id).regions for r in records]
+                regions = [[tuple(x.bbox) for x in st if x.bbox] for st in states]
+                keys = [[x.key for x in st if x.bbox] for st in states]
+        else:
+            files = find_images([args.images])
+            if not files:
+                raise ValueError(f"No image files in {args.images}.")
+            images, names, regions, keys = [load_image(f) for f in files], unique_names(files), None, None
+        classifier = services.classifier(args.classifier, taxonomy)
+        if args.threshold is not None:
+            from engines.classify import ArtifactClassifier
+
+            classifier = ArtifactClassifier(replace(classifier.loaded, extra=replace(classifier.spec, threshold=args.threshold)))
+        if classifier.loaded.note:
+            print(f"note: {classifier.loaded.note}", file=sys.stderr)
+        if taxonomy is not None and classifier.fixed_classes and \
+                [c["name"] for c in classifier.classes()] != [c["name"] for c in taxonomy]:
+            print("note: this head was trained on other classes than the session's taxonomy; its own classes are used.",
+                  file=sys.stderr)
+        bar = _StderrProgress("classifying")
+        try:
+            results = classifier.classify(images, regions, taxonomy=taxonomy, captions=not args.no_captions,
+                                          batch_size=args.batch_size, progress=bar)
+        finally:
+            bar.close()
+        rows = []
+        counters: dict = {}
+        for r in results:
+            row = {"name": names[r.image_index], **r.to_json()}
+            if keys is not None:
+                n = counters.get(r.image_index, 0)
+                row["region_key"] = keys[r.image_index][n]
+                counters[r.image_index] = n + 1
+            rows.append(row)
+        if args.json:
+            print(json.dumps({"classifier": classifier.classifier_id, "demo": classifier.loaded.is_demo,
+                              "threshold": classifier.spec.threshold, "results": rows}, indent=2))
+        else:
+            for row, r in zip(rows, results):
+                where = f" {row['region_key']}" if "region_key" in row else ""
+                found = ", ".join(f"{p.class_name} {p.probability:.2f}" for p in r.predicted) or "no artifact class"
+                print(f"{row['name']}{where}: {found}")
+                for p in r.predicted:
+                    if p.caption:
+                        print(f"    {p.class_name}: {p.caption}")
+        return 0
+    finally:
+        services.close()
+
+
 def _follow(manager, job_id: int, args) -> int:
     """Print a job's metric rows to stderr until it ends (Ctrl-C detaches; the job keeps running)."""
     import time
@@ -1060,9 +1257,18 @@ def _follow(manager, job_id: int, args) -> int:
                 print(f"  {line}")
             return 0 if job.status in ("succeeded", "cancelled") else EXIT_USER_ERROR
         for key, value in job.result.items():
-            if key != "data":
+            if key not in ("data", "history"):
                 print(f"  {key}: {value}")
-        if job.kind != "lora" and job.status == "succeeded":
+        if job.kind == "classifier" and job.status == "succeeded":
+            test = job.result.get("test") or {}
+            if test.get("tuned"):
+                zero, tuned = test.get("zero_shot") or {}, test["tuned"]
+                print(f"test set ({tuned.get('samples')} samples): micro F1 {_fmt(zero.get('micro_f1'))} zero-shot -> "
+                      f"{_fmt(tuned.get('micro_f1'))} tuned, exact match {_fmt(zero.get('exact_match'))} -> "
+                      f"{_fmt(tuned.get('exact_match'))}")
+            else:
+                print("no test set: the val numbers chose the checkpoint, so they are optimistic; label more images")
+        if job.kind in ("detector", "region-selector") and job.status == "succeeded":
             test = job.result.get("test")
             if test:
                 print(f"test set ({test.get('num_images')} images): artifact_iou {_fmt(test.get('artifact_iou'))} "
@@ -1375,6 +1581,8 @@ def cmd_experiment(args) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train-classifier": cmd_train_classifier,
+    "classify": cmd_classify,
     "doctor": cmd_doctor,
     "repair": cmd_repair,
     "experiment": cmd_experiment,

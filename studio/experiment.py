@@ -7,13 +7,17 @@ report (studio/experiment_report.py):
 1. data        RichHF-18k preprocessing (engines/experiment_data.py: annotators inferred from each map's
                value grid, >= 2 of 3 votes), the fixed test set (ids + digest), RichHF-100, validation
                images, source images for corruption and pseudo labels.
-2. selector    the region selector: the config's UperNet on RichHF-100 (paper: 1,000 iterations, batch 8).
+2. selector    the region selector: the config's UperNet on RichHF-100 (paper: 1,000 iterations, batch 8),
+               trained with the recipe engines.train_recipes resolves; checkpoint chosen on validation.
 3. corruption  the selector's maps on the source images ("regions"), then one corrupted dataset per
-               variant: the proposed method (ReNoise, N=50, k=10), the baselines (20 steps), Table 3's
-               corruption steps, Table 4's direct corruption. Items are sharded over processes.
-4. detectors   one detector per training set and seed (human labels only, pseudo labels, each variant).
-5. evaluation  every detector on the fixed test set: artifact-class IoU (the paper's "mIoU"), 2-class
-               mIoU, per-image IoU.
+               variant: the proposed method (ReNoise, N=50, k=10), the baselines (corrupted at step N-20,
+               20 steps resampled), Table 3's corruption step s (k = N - s), Table 4's direct corruption
+               (pure N(0, 1) in the image latent, no resampling). Items are sharded over processes.
+4. detectors   one detector per training set and seed (human labels only, pseudo labels, each variant),
+               same recipe; checkpoint chosen on validation.
+5. evaluation  every chosen checkpoint on the fixed test set, scored as the trainer scores
+               (engines.train_detector.evaluate_detector): artifact-class IoU (the paper's "mIoU"),
+               2-class mIoU, per-image IoU.
 
 Caching. A step is a list of units; a unit's key is the sha256 of its kind, its parameters, the keys of
 the units it reads and a code version. A unit lives in `RUN/units/<kind>/<name>-<key12>/` and is done
@@ -53,7 +57,9 @@ from studio.experiment_config import PAPER_COUNTS, ExperimentConfig, path_of
 STEPS = ("data", "selector", "corruption", "detectors", "evaluation")
 STEP_TITLES = {"data": "1 Data", "selector": "2 Region selector", "corruption": "3 Corruption",
                "detectors": "4-5 Detectors (Tables 1-4)", "evaluation": "6 Evaluation on the test set"}
-CODE_VERSION = {"data": 1, "selector": 1, "regions": 1, "corrupt": 3, "detector": 2, "evaluate": 2}
+CODE_VERSION = {"data": 1, "selector": 2, "regions": 1, "corrupt": 3, "detector": 3, "evaluate": 3}
+"""Part of every unit's key: bump a kind's number when its results change (selector 1->2, detector 2->3: recipes
+from engines.train_recipes; evaluate 2->3: scored by engines.train_detector.evaluate_detector)."""
 RESOLVED = "config.resolved.json"
 RUN_FILE = "run.json"
 JOBS_FILE = "jobs.json"
@@ -101,7 +107,7 @@ def table_rows(config: ExperimentConfig) -> dict[str, list[Row]]:
     tables: dict[str, list[Row]] = {}
     for table in v["experiment"]["tables"]:
         if table == "table1":
-            rows = [Row(table, "Human labels only (RichHF-100)", "human", "human"),
+            rows = [Row(table, f"Human labels only (RichHF-{v['data']['human_images']})", "human", "human"),
                     Row(table, "Pseudo labels (region selector)", "pseudo", "pseudo"),
                     Row(table, "Corruption (ours)", "proposed", "corruption")]
         elif table == "table2":
@@ -165,7 +171,9 @@ def plan(config: ExperimentConfig) -> list[Unit]:
         data_params["files"] = _file_stamps(v["data"])
     data = _unit("data", "data", "data", data_params, [])
     model = {"architecture": v["model"]["architecture"], "init": v["model"]["init"]}
-    selector = _unit("selector", "selector", "selector", {**model, **v["selector"]}, [data])
+    selector = _unit("selector", "selector", "selector",
+                     {**model, **v["selector"], "train_config": _train_config(v, "selector", v["selector"]["seed"])},
+                     [data])
     regions = _unit("corruption", "regions", "regions", {}, [data, selector])
     units = [data, selector, regions]
     c = v["corruption"]
@@ -181,7 +189,8 @@ def plan(config: ExperimentConfig) -> list[Unit]:
     detectors = []
     for train in training_sets(config):
         for seed in v["experiment"]["seeds"]:
-            params = {**model, **v["detector"], "train": train, "seed": seed}
+            params = {**model, **v["detector"], "train": train, "seed": seed,
+                      "train_config": _train_config(v, "detector", seed)}
             inputs = [data]
             if train == "pseudo":
                 params["pseudo_threshold"] = v["pseudo"]["threshold"]
@@ -192,6 +201,17 @@ def plan(config: ExperimentConfig) -> list[Unit]:
     units += detectors
     units += [_unit("evaluation", "evaluate", f"evaluate/{d.name.split('/', 1)[1]}", {}, [d, data]) for d in detectors]
     return units
+
+
+def _train_config(values: dict, section: str, seed: int) -> dict:
+    """The full training config (engines.train_recipes.resolve_recipe, as JSON) of the selector or a
+    detector: part of the unit's key, so a recipe that changes in the engines retrains."""
+    from studio import experiment_adapter as adapter
+
+    s = values[section]
+    return adapter.train_config(arch=values["model"]["architecture"], init=values["model"]["init"], recipe=s["recipe"],
+                                steps=s["steps"], batch_size=s["batch_size"], crop=s["crop"], lr=s["lr"],
+                                eval_every=s["eval_every"], seed=seed, selector=section == "selector").to_json()
 
 
 def _file_stamps(data: dict) -> dict:

@@ -1,7 +1,12 @@
 """The experiment runner's only calls into the engines: training, corruption, detection, metrics.
 
-Kept thin and in one place so the runner follows the engines' APIs as they change (recipes,
-baseline protocol, corrupted-area labels). Images are RGB uint8 HWC, masks bool [H, W].
+Kept thin and in one place so the runner follows the engines' APIs: recipes come from
+`engines.train_recipes.resolve_recipe` (the paper's and the balanced one; nothing is spelled out here),
+training and checkpoint choice from `engines.train_detector.train_detector` (best checkpoint on the
+experiment's validation set), scores from `engines.train_detector.evaluate_detector` (the function the
+trainer scores val and test with: `ArtifactDetector` inference at native size, artifact = probability
+>= 0.5, `engines.detect.evaluate_masks`), corruption from `engines.corrupt` (named ReNoise presets, the
+paper's baseline protocol, the corrupted area as label). Images are RGB uint8 HWC, masks bool [H, W].
 """
 from __future__ import annotations
 
@@ -9,55 +14,48 @@ from pathlib import Path
 
 import numpy as np
 
-PAPER_LR = 6e-5
-"""AdamW learning rate of the paper's recipe (mmsegmentation's UperNet schedule, ADE20K-initialised)."""
-
 
 # ---------------------------------------------------------------------------------------------- training
 
 def train_config(*, arch: str, init: str, recipe: str, steps: int, batch_size: int, crop: int, lr: float,
                  eval_every: int, seed: int, selector: bool = False):
-    """engines.train_detector.TrainConfig for a named recipe with the config's steps, batch, crop and seed.
+    """engines.train_detector.TrainConfig of the named recipe (`engines.train_recipes.resolve_recipe`:
+    "paper" = plain cross-entropy, no class weights, uniform sampling, no jitter, AdamW 6e-5 for an
+    ADE20K-initialised model, else the recipe's measured from-scratch rate) with the experiment's steps,
+    batch, crop, evaluation interval and seed. `lr` 0 keeps the recipe's learning rate."""
+    from engines.train_recipes import resolve_recipe
 
-    "paper": plain cross-entropy (no class weights), uniform image sampling (no area balance, no
-    positive-centred crops), no colour jitter; AdamW lr 6e-5, betas (0.9, 0.999), weight decay 0.01,
-    poly decay; random resize 0.5-2x, crop, flip (mmsegmentation's UperNet pipeline minus its photometric
-    distortion). "balanced": class-balanced sampling, weighted loss, jitter. `lr` 0 keeps the recipe's
-    learning rate. When the engines provide named recipes (engines.train_recipes.resolve_recipe), they
-    decide (including the learning rate of a from-scratch model); otherwise the recipe is spelled out here.
-    """
-    try:
-        from engines.train_recipes import resolve_recipe
-    except ImportError:  # engines without named recipes
-        resolve_recipe = None
-    common = {"steps": int(steps), "batch_size": int(batch_size), "crop": int(crop), "eval_every": int(eval_every),
-              "seed": int(seed), "log_every": max(1, int(steps) // 50)}
-    if resolve_recipe is not None:
-        config = resolve_recipe(recipe, arch=arch, init=init or None, region_selector=selector,
-                                lr=float(lr) if lr else None, **common)
-        config.validate()
-        return config
+    return resolve_recipe(recipe, arch=arch, init=init or None, region_selector=selector,
+                          lr=float(lr) if lr else None, steps=int(steps), batch_size=int(batch_size), crop=int(crop),
+                          eval_every=int(eval_every), seed=int(seed), log_every=max(1, int(steps) // 50))
+
+
+def config_from_json(values: dict):
+    """The TrainConfig of `train_config(...).to_json()` (the form a unit's params keep), validated."""
     from engines.train_detector import TrainConfig
 
-    base = {"arch": arch, "init": init or None, **common}
-    if recipe == "paper":
-        base.update(lr=PAPER_LR, betas=(0.9, 0.999), weight_decay=0.01, lr_schedule="poly", warmup_steps=0,
-                    balance_alpha=0.0, negative_fraction=None, p_pos=0.0, artifact_weight=1.0, color_jitter=0.0,
-                    scale_range=(0.5, 2.0), hflip=True)
-    if lr:
-        base["lr"] = float(lr)
-    config = TrainConfig(**base)
+    config = TrainConfig(**{**values, "betas": tuple(values["betas"]), "scale_range": tuple(values["scale_range"])})
     config.validate()
     return config
 
 
+def describe_config(config) -> str:
+    """The recipe as printed at the start of a run (engines.train_recipes.describe)."""
+    from engines.train_recipes import describe
+
+    return describe(config)
+
+
 def train(config, train_samples, val_samples, out_dir: Path, *, device: str, progress=None, should_stop=None,
-          log=None):
-    """engines.train_detector.train_detector with resume (a rerun continues from `out_dir/last`)."""
+          log=None, provenance: dict | None = None):
+    """engines.train_detector.train_detector with resume (a rerun continues from `out_dir/last`). The best
+    checkpoint is chosen on `val_samples` (val artifact IoU); the test set is never passed here: the
+    evaluation step scores the chosen checkpoint on it (`evaluate`). `provenance` goes into every
+    checkpoint's detector.json."""
     from engines.train_detector import train_detector
 
     return train_detector(config, train_samples, val_samples, out_dir, progress=progress, should_stop=should_stop,
-                          log=log, resume=True, device=device)
+                          log=log, resume=True, device=device, extra_provenance=provenance)
 
 
 def sample(image: np.ndarray, mask: np.ndarray, source: str, name: str):
@@ -69,8 +67,10 @@ def sample(image: np.ndarray, mask: np.ndarray, source: str, name: str):
 
 def best_checkpoint(result_dir: Path) -> Path:
     """The checkpoint chosen on the validation set (`best`), else the last one."""
-    best = Path(result_dir) / "best"
-    return best if (best / "detector.json").is_file() else Path(result_dir) / "last"
+    from engines.train_detector import BEST, LAST
+
+    best = Path(result_dir) / BEST
+    return best if (best / "detector.json").is_file() else Path(result_dir) / LAST
 
 
 # ---------------------------------------------------------------------------------------------- detection
@@ -88,21 +88,35 @@ def predict(detector, images, batch_size: int = 8) -> list[np.ndarray]:
     return [h.scores for h in detector.predict(list(images), batch_size=batch_size)]
 
 
-EVAL_THRESHOLD = 0.5
+class Scorer:
+    """Scores a checkpoint on samples exactly as engines.train_detector scores val and test
+    (`evaluate_detector`); `folder` None is the detector that marks nothing. `score(samples)` returns the
+    engines.detect.ImageScore of each sample (call it chunk by chunk for progress and cancel);
+    `metrics(scores)` the dataset metrics (engines.detect.Metrics: artifact_iou headline, miou 2-class,
+    mean_image_iou, precision, recall, f1)."""
 
+    def __init__(self, folder: Path | None, device: str, batch_size: int = 8):
+        self.device, self.batch_size, self.model, self.spec = device, int(batch_size), None, None
+        if folder is not None:
+            from engines.detectors import load_detector as load
 
-def image_scores(probabilities, truths, names):
-    """engines.detect.ImageScore per image (artifact = probability >= 0.5)."""
-    from engines.detect import score_image
+            loaded = load(str(folder), data_dir=Path(folder), device=device)
+            self.model, self.spec = loaded.model, loaded.extra
 
-    return [score_image(p >= EVAL_THRESHOLD, t, n) for p, t, n in zip(probabilities, truths, names)]
+    def score(self, samples) -> list:
+        from engines.detect import score_image
+        from engines.train_detector import evaluate_detector
 
+        if self.model is None:
+            masks = [(s.load_mask(), s.name) for s in samples]
+            return [score_image(np.zeros(mask.shape, bool), mask, name) for mask, name in masks]
+        return list(evaluate_detector(self.model, self.spec, samples, self.device, batch_size=self.batch_size).images)
 
-def metrics(scores):
-    """engines.detect.Metrics: artifact_iou (the paper's "mIoU"), miou (2-class), mean_image_iou, ..."""
-    from engines.detect import evaluate_masks
+    @staticmethod
+    def metrics(scores):
+        from engines.detect import evaluate_masks
 
-    return evaluate_masks(scores)
+        return evaluate_masks(scores)
 
 
 # ---------------------------------------------------------------------------------------------- corruption

@@ -141,6 +141,7 @@ def results_markdown(run_dir: Path, results: dict, plots: dict, env: dict) -> st
         lines += ["> Synthetic data and toy models: these numbers test the pipeline, they say nothing about the "
                   "paper's claims.", ""]
     lines += _data_section(results) + [""]
+    lines += _config_section(results)
     for table, rows in results["tables"].items():
         lines += [f"## {TABLE_TITLES[table]}", "",
                   f"| {'Corruption step' if table == 'table3' else 'Training data' if table == 'table1' else 'Method'} "
@@ -195,6 +196,83 @@ def _data_section(results: dict) -> list[str]:
         lines.append(f"{len(data['duplicates_of_test_excluded'])} training image(s) with the same pixels as a test "
                      "image were left out of training.")
     return lines
+
+
+NOT_PROTOCOL = ("experiment.name", "experiment.profile", "experiment.threads", "corruption.examples",
+                # shown as the effective training knobs instead (the recipe's rows)
+                "model.architecture", "model.init", *(f"{section}.{key}" for section in ("selector", "detector")
+                                                       for key in ("steps", "batch_size", "crop", "lr", "recipe")))
+DATA_FILES = ("data.train_tfrecord", "data.val_tfrecord", "data.test_tfrecord", "data.images", "data.captions")
+RECIPE_KNOBS = ("recipe", "arch", "init", "steps", "batch_size", "crop", "lr", "betas", "weight_decay", "lr_schedule",
+                "warmup_steps", "sampling", "p_pos", "artifact_weight", "color_jitter", "scale_range", "hflip",
+                "aux_weight")
+
+
+def paper_train_config(architecture: str, selector: bool):
+    """The paper's own training setting for comparison: its recipe on an ADE20K-initialised UperNet
+    (the config's UperNet, ConvNeXt-T for the toy architecture), with 1,000 selector / 10,000 detector
+    iterations at batch 8 and 512-px crops."""
+    from engines.train_recipes import resolve_recipe
+
+    arch = architecture if architecture.startswith("upernet-") else "upernet-convnext-tiny"
+    return resolve_recipe("paper", arch=arch, init="ADE20K UperNet", region_selector=selector)
+
+
+def deviations(config) -> list[tuple[str, object, object]]:
+    """(setting, ours, paper) for every protocol value of the config that differs from the paper's
+    (studio/experiment_config.DEFAULTS), and for every training knob of the selector and the detectors
+    that differs from the paper's recipe on an ADE20K-initialised UperNet (`paper_train_config`)."""
+    from studio.experiment import plan
+    from studio.experiment_config import DEFAULTS
+
+    out = []
+
+    def walk(ours: dict, paper: dict, prefix: str) -> None:
+        for key, default in paper.items():
+            dotted = f"{prefix}{key}"
+            if dotted in NOT_PROTOCOL or (config.get("data.synthesise") and (dotted in DATA_FILES)):
+                continue
+            if dotted == "data.synthetic" and not config.get("data.synthesise"):
+                continue
+            if isinstance(default, dict) and dotted != "data.synthetic":
+                walk(ours[key], default, f"{dotted}.")
+            elif ours[key] != default:
+                out.append((dotted, ours[key], "(not synthesised)" if dotted == "data.synthetic" else default))
+
+    walk(config.values, DEFAULTS, "")
+    units = {u.kind: u for u in plan(config) if u.kind in ("selector", "detector")}
+    for kind, unit in units.items():
+        paper = paper_train_config(config.get("model.architecture"), kind == "selector").to_json()
+        ours = unit.params["train_config"]
+        for knob in RECIPE_KNOBS:
+            if ours.get(knob) != paper.get(knob):
+                out.append((f"{kind} training: {knob}", ours.get(knob), paper.get(knob)))
+    return out
+
+
+def _config_section(results: dict) -> list[str]:
+    config = results["config"]
+    lines = ["## Config: deviations from the paper's protocol", "",
+             "Every setting of this run that differs from the paper's protocol (`assets/experiments/paper.toml`) or "
+             "from the paper's training recipe on an ADE20K-initialised UperNet (`engines/train_recipes.py`, recipe "
+             "`paper`: plain cross-entropy, no class weights, uniform sampling, no jitter, AdamW 6e-5, betas "
+             "(0.9, 0.999), weight decay 0.01, poly decay). The reasons are in the config file's comments "
+             "(`config.toml`; the shipped `tiny.toml` explains each of its values).", ""]
+    rows = deviations(config)
+    if not rows:
+        return lines + ["None: this run is the paper's protocol.", ""]
+    lines += ["| setting | this run | paper |", "|---|---|---|"]
+    lines += [f"| `{k}` | {_show(ours)} | {_show(paper)} |" for k, ours, paper in rows]
+    if not config.get("model.init"):
+        lines += ["", "Without `model.init` the models start from random weights: the recipe then uses its measured "
+                  "from-scratch learning rate (`SCRATCH_LR` in engines/train_recipes.py) unless the config sets `lr`, "
+                  "and a model built from scratch has no auxiliary head, so the recipe's aux_weight has no effect."]
+    return lines + [""]
+
+
+def _show(value) -> str:
+    text = json.dumps(value) if isinstance(value, (dict, list, bool)) or value is None else str(value)
+    return text.replace("|", "\\|")
 
 
 def _corruption_section(run_dir: Path, results: dict, plots: dict) -> list[str]:

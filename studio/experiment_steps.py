@@ -87,27 +87,34 @@ def human_samples(ctx: StepContext, role: str) -> list:
 # ---------------------------------------------------------------------------------------------- 2. selector
 
 def run_selector(ctx: StepContext, unit: Unit) -> dict | None:
-    p = unit.params
-    config = adapter.train_config(arch=p["architecture"], init=p["init"], recipe=p["recipe"], steps=p["steps"],
-                                  batch_size=p["batch_size"], crop=p["crop"], lr=p["lr"], eval_every=p["eval_every"],
-                                  seed=p["seed"], selector=True)
-    return _train(ctx, unit, config, human_samples(ctx, "human"))
+    return _train(ctx, unit, adapter.config_from_json(unit.params["train_config"]), human_samples(ctx, "human"))
 
 
 def _train(ctx: StepContext, unit: Unit, config, train_samples) -> dict | None:
+    """Train `config` on `train_samples`; the checkpoint is chosen on the experiment's validation images
+    (engines.train_detector: best val artifact IoU). The test set is not given to the trainer."""
     out = ctx.folder(unit)
     started = time.perf_counter()
-    result = adapter.train(config, train_samples, human_samples(ctx, "val"), out / "train", device=ctx.device,
-                           progress=lambda s, t: ctx.progress(unit, s, t), should_stop=ctx.should_stop)
+    if not (out / "train" / "last").is_dir():
+        print(f"unit {unit.name}: recipe '{config.recipe}'\n{adapter.describe_config(config)}", flush=True)
+    val = human_samples(ctx, "val")
+    test_set = json.loads((ctx.folder("data") / "test_set.json").read_text())
+    provenance = {"experiment_unit": unit.name, "experiment_split": {
+        "train_images": len(train_samples), "val_ids": [s.name for s in val],
+        "reserved_test_digest": test_set["digest"]}}
+    result = adapter.train(config, train_samples, val, out / "train", device=ctx.device,
+                           progress=lambda s, t: ctx.progress(unit, s, t), should_stop=ctx.should_stop,
+                           provenance=provenance)
     if result.stopped:
         return None
     history = [r for r in result.history if "seconds" in r]
     seconds = float(history[-1]["seconds"]) if history else time.perf_counter() - started
-    return {"checkpoint": str(adapter.best_checkpoint(out / "train").relative_to(ctx.run_dir)),
+    checkpoint = adapter.best_checkpoint(out / "train")
+    return {"checkpoint": str(checkpoint.relative_to(ctx.run_dir)), "selected_on": "val artifact_iou",
             "best_step": int(result.best_step), "steps": int(result.steps_done), "train_seconds": seconds,
             "steps_per_second": result.steps_done / seconds if seconds > 0 else None,
-            "val_best_miou": float(result.best_miou) if np.isfinite(result.best_miou) else None,
-            "train_images": len(train_samples), "recipe": config.to_json()}
+            "val_best_artifact_iou": _pct(result.best_artifact_iou), "val_best_miou": _pct(result.best_miou),
+            "val_images": len(val), "train_images": len(train_samples), "recipe": config.to_json()}
 
 
 # ---------------------------------------------------------------------------------------------- 3. corruption
@@ -307,10 +314,7 @@ def run_detector(ctx: StepContext, unit: Unit) -> dict | None:
     if not any(np.asarray(s.mask).any() for s, _ in train):
         return {"checkpoint": None, "untrained": "no artifact pixel in the training labels", "steps": 0,
                 "train_images": len(train), "sources": sources}
-    config = adapter.train_config(arch=p["architecture"], init=p["init"], recipe=p["recipe"], steps=p["steps"],
-                                  batch_size=p["batch_size"], crop=p["crop"], lr=p["lr"], eval_every=p["eval_every"],
-                                  seed=p["seed"])
-    result = _train(ctx, unit, config, [s for s, _ in train])
+    result = _train(ctx, unit, adapter.config_from_json(p["train_config"]), [s for s, _ in train])
     if result is not None:
         result["sources"] = sources
     return result
@@ -346,24 +350,25 @@ def _training_samples(ctx: StepContext, unit: Unit) -> list[tuple[object, str]]:
 # ---------------------------------------------------------------------------------------------- 5. evaluation
 
 def run_evaluate(ctx: StepContext, unit: Unit) -> dict | None:
+    """The detector's chosen checkpoint (best on validation) on the fixed test set, scored as the trainer
+    scores (adapter.Scorer = engines.train_detector.evaluate_detector): artifact-class IoU (the headline),
+    2-class mIoU, per-image IoU. Percentages."""
     trained = ctx.result(unit.inputs[0])
-    test = [r for r in ctx.index() if r["role"] == "test"]
-    probs = []
-    if trained["checkpoint"] is None:  # see run_detector: the detector that marks nothing
-        probs = [np.zeros((r["height"], r["width"]), np.float32) for r in test]
-    else:
-        detector = adapter.load_detector(ctx.run_dir / trained["checkpoint"], ctx.device)
-    for start in range(len(probs), len(test), 8):
+    test = human_samples(ctx, "test")
+    checkpoint = None if trained["checkpoint"] is None else ctx.run_dir / trained["checkpoint"]
+    scorer = adapter.Scorer(checkpoint, ctx.device)
+    scores, chunk = [], 8
+    for start in range(0, len(test), chunk):
         if ctx.should_stop():
             return None
-        probs += adapter.predict(detector, [np.asarray(_load(ctx, r["image"])) for r in test[start:start + 8]], 8)
-        ctx.progress(unit, len(probs), len(test))
-    scores = adapter.image_scores(probs, [np.asarray(_load(ctx, r["mask"])) for r in test], [r["id"] for r in test])
-    m = adapter.metrics(scores)
+        scores += scorer.score(test[start:start + chunk])
+        ctx.progress(unit, len(scores), len(test))
+    m = scorer.metrics(scores)
     test_set = json.loads((ctx.folder("data") / "test_set.json").read_text())
     return {"artifact_iou": _pct(m.artifact_iou), "miou": _pct(m.miou), "background_iou": _pct(m.background_iou),
             "mean_image_iou": _pct(m.mean_image_iou), "precision": _pct(m.precision), "recall": _pct(m.recall),
             "f1": _pct(m.f1), "test_images": len(test), "test_digest": test_set["digest"],
+            "checkpoint": trained["checkpoint"], "selected_on": trained.get("selected_on"),
             "untrained": trained.get("untrained"),
             "per_image_iou": {s.name: s.iou * 100.0 for s in scores}}
 

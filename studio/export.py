@@ -38,6 +38,12 @@ Formats (`EXPORT_FORMATS`):
 - ``mmseg``: ``img_dir/{train,val,test}/<name>.png``, ``ann_dir/{train,val,test}/<name>.png`` (L, 0 =
   background, 1 = artifact) and ``upernet_artifact_config.py`` (an mmsegmentation 1.x UperNet config:
   the paper's recipe, validation on val, testing on test).
+- ``vlm``: SynArtifact's question-answer pairs as conversation JSONL for external VLM trainers:
+  ``images/<name>.png`` and ``train.jsonl``, ``val.jsonl``, ``test.jsonl`` (the family split above, the
+  one train-classifier uses; val and test only when they hold images). Per image: the template question
+  with the reference-format JSON answer of its classified regions, and one yes/no question per class.
+  Each line has TRL's ``messages`` + ``images`` and LLaVA's ``conversations`` (``<image>`` marks the
+  picture) + ``image``, plus ``task`` ("answer" or "yesno") and ``split``.
 
 `import_masks` reads ``png`` (a folder of binary mask PNGs, or a png export) and ``coco``
 (annotations.json with RLE or polygon segmentations) back as regions, matched to the session's
@@ -67,7 +73,7 @@ from studio.safeio import MAX_BATCH_PIXELS, shown
 from studio.splits import DEFAULT_TEST_FRACTION, DEFAULT_VAL_FRACTION, EXCLUDED, SplitPlan, plan_split, validate_fractions
 from studio.store import MASK_AUTHORS, ImageRecord, LabelRegion, NewMask, Store
 
-EXPORT_FORMATS = ("png", "coco", "hf", "synartifact", "mmseg")
+EXPORT_FORMATS = ("png", "coco", "hf", "synartifact", "mmseg", "vlm")
 IMPORT_FORMATS = ("png", "coco")
 UNCLASSIFIED = "unclassified"
 CONFIG_NAME = "upernet_artifact_config.py"
@@ -169,8 +175,8 @@ def export_session(store: Store, session_id: int | str, fmt: str, out_dir: str |
     staging.mkdir()  # not tempfile.mkdtemp: its 0700 mode would become the export folder's
     try:
         writer = {"png": _write_png, "coco": _write_coco, "hf": _write_hf,
-                  "synartifact": _write_synartifact, "mmseg": _write_mmseg}[fmt]
-        regions = writer(store, images, staging, class_names=class_names, out=out, plan=plan)
+                  "synartifact": _write_synartifact, "mmseg": _write_mmseg, "vlm": _write_vlm}[fmt]
+        regions = writer(store, images, staging, class_names=class_names, out=out, plan=plan, taxonomy=taxonomy)
         _write_splits(images, plan, staging)
         files = sum(1 for p in staging.rglob("*") if p.is_file())
         _install(staging, out)
@@ -335,6 +341,39 @@ def _write_synartifact(store: Store, images: list[ImageRecord], root: Path, *, p
                "Artifacts annotation": boxes}
         (root / "annotations" / f"{name}.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
         count += len(boxes)
+    return count
+
+
+def _write_vlm(store: Store, images: list[ImageRecord], root: Path, *, taxonomy: list[dict], plan: SplitPlan,
+               **_: Any) -> int:
+    from engines.classify import build_question, render_answer, yesno_question
+
+    classes = [{"name": c["name"], "definition": c.get("definition", "")} for c in taxonomy]
+    names = [c["name"] for c in classes]
+    count = 0
+    files = {"train": open(root / "train.jsonl", "w", encoding="utf-8")}
+    try:
+        for image, name, regions, _ in _each_image(store, images):
+            split = plan.split_of[image.id]
+            if split not in files:
+                files[split] = open(root / f"{split}.jsonl", "w", encoding="utf-8")
+            _copy_image(image, root / "images" / f"{name}.png")
+            found = [(r.class_name, r.caption) for r, _ in regions]
+            present = {c for c, _ in found}
+            pairs = [("answer", build_question(classes), render_answer(classes, found))]
+            pairs += [("yesno", yesno_question(classes, k), "yes" if n in present else "no") for k, n in enumerate(names)]
+            for k, (task, question, answer) in enumerate(pairs):
+                files[split].write(json.dumps({
+                    "id": f"{name}-{k}", "task": task, "split": split, "image": f"images/{name}.png",
+                    "images": [f"images/{name}.png"],
+                    "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+                                 {"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+                    "conversations": [{"from": "human", "value": "<image>\n" + question},
+                                      {"from": "gpt", "value": answer}]}) + "\n")
+            count += len(regions)
+    finally:
+        for f in files.values():
+            f.close()
     return count
 
 

@@ -32,7 +32,9 @@ from pathlib import Path
 
 from studio.store import JobRecord, Store
 
-JOB_KINDS = ("detector", "region-selector", "lora", "experiment")
+JOB_KINDS = ("detector", "region-selector", "lora", "experiment", "classifier", "lora-feedback")
+ONE_PROCESS_KINDS = ("lora", "classifier", "lora-feedback")
+"""Job kinds whose trainer runs in one process (no data-parallel launch)."""
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -55,8 +57,9 @@ class JobManager:
         processes = params.get("processes", 1)
         if isinstance(processes, bool) or not isinstance(processes, int) or not 1 <= processes <= 64:
             raise ValueError(f"processes must be a whole number from 1 to 64, got {processes!r}.")
-        if processes > 1 and kind == "lora":
-            raise ValueError("LoRA tuning runs in one process; leave processes at 1.")
+        if processes > 1 and kind in ONE_PROCESS_KINDS:
+            what = "Classifier training" if kind == "classifier" else "LoRA tuning"
+            raise ValueError(f"{what} runs in one process; leave processes at 1.")
         if processes > 1 and params["device"].startswith("cuda"):
             import torch
 
@@ -99,13 +102,13 @@ class JobManager:
         worker = ["-m", "studio.jobs", "--data-dir", str(self.store.data_dir), "run", str(job.id)]
         launch = [sys.executable, "-m", "accelerate.commands.launch"]
         processes = int(job.params.get("processes", 1) or 1)
-        if job.kind != "lora" and processes > 1:
+        if job.kind not in ONE_PROCESS_KINDS and processes > 1:
             # --multi_gpu selects accelerate's torchrun launcher (N processes with RANK/WORLD_SIZE); `--cpu`
             # would run one process. The worker's Accelerator(cpu=True) then uses gloo on a CPU job.
             return [*launch, "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
                     "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
                     *worker]
-        if job.kind != "lora" and "processes" not in job.params and _accelerate_processes() > 1:
+        if job.kind not in ONE_PROCESS_KINDS and "processes" not in job.params and _accelerate_processes() > 1:
             return [*launch, *worker]
         return [sys.executable, *worker]
 
@@ -244,6 +247,9 @@ def run_job(data_dir: Path, job_id: int) -> int:
         services = Services(data_dir=Path(data_dir), store=store, device=job.params.get("device", "cpu"))
         if job.kind == "experiment":
             result = _run_experiment_step(services, job, Path(job.out_dir or folder / "out"), should_stop, log)
+        elif job.kind in ("classifier", "lora-feedback"):
+            runner = {"classifier": _run_classifier, "lora-feedback": _run_lora_feedback}[job.kind]
+            result = runner(services, job, Path(job.out_dir or folder / "out"), should_stop, log)
         else:
             call = job_call(services, job, Path(job.out_dir or folder / "out"), should_stop, log, world=world)
             result = _result(job, call(), call.data)
@@ -375,6 +381,75 @@ def _run_experiment_step(services, job: JobRecord, out: Path, should_stop, log) 
     from studio.experiment_steps import run_step_job
 
     return run_step_job(services, job, out, should_stop, log)
+
+
+def _run_classifier(services, job: JobRecord, out: Path, should_stop, log) -> dict:
+    """Fine-tune a classifier on the session's labelled regions (see engines.train_classifier)."""
+    from engines.classify import ArtifactClassifier, load_classifier
+    from engines.train_classifier import ClassifierTrainConfig, evaluate, train_head, train_vlm
+    from studio.classifier_data import classifier_samples
+    from studio.splits import DEFAULT_TEST_FRACTION
+
+    params = dict(job.params)
+    if job.session_id is None:
+        raise ValueError("A classifier job needs a session with labelled regions.")
+    taxonomy = services.taxonomy(job.session_id)
+    data = classifier_samples(services.store, job.session_id, taxonomy, level=params.get("level", "region"),
+                              val_fraction=float(params.get("val_fraction", 0.2)),
+                              test_fraction=float(params.get("test_fraction", DEFAULT_TEST_FRACTION)),
+                              seed=int(params.get("split_seed", params.get("seed", 0))))
+    config = ClassifierTrainConfig(**params.get("config", {}))
+    spec = params.get("classifier", "demo")
+    loaded = load_classifier(spec, device=services.device, taxonomy=taxonomy)
+    # the test split is scored before training (zero-shot) and with the best checkpoint after; val chooses it
+    test_zero_shot = evaluate(ArtifactClassifier(loaded), data.test, taxonomy) if data.test else {}
+    provenance = {"session_id": job.session_id, "job_id": job.id, "classifier": spec, "data": data.summary,
+                  "split": data.split.params if data.split else None}
+    if loaded.extra.family == "vlm":
+        base = spec.split(":", 1)[1].split("#", 1)[0] if spec.startswith("vlm:") else spec
+        result = train_vlm(config, loaded, taxonomy, data.train, data.val, out, base=base, should_stop=should_stop,
+                           log=log, provenance=provenance)
+    else:
+        result = train_head(config, taxonomy, data.train, data.val, out, init=loaded, device=services.device,
+                            should_stop=should_stop, log=log, provenance=provenance)
+    summary = {k: v for k, v in result.to_json().items() if k != "history"}
+    test = None
+    if data.test and not result.stopped and result.best_dir and Path(result.best_dir).is_dir():
+        del loaded  # a VLM: free the trained copy before the best checkpoint is loaded
+        _free_device_memory()
+        best = ArtifactClassifier(load_classifier(str(result.best_dir), device=services.device, taxonomy=taxonomy))
+        test = {"zero_shot": test_zero_shot, "tuned": evaluate(best, data.test, taxonomy)}
+    return {**summary, "test": test, "data": data.summary}
+
+
+def _free_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _run_lora_feedback(services, job: JobRecord, out: Path, should_stop, log) -> dict:
+    """Tune a LoRA with a classifier's artifact probability as the reward (engines.tune_feedback)."""
+    from engines.classify import ArtifactClassifier, load_classifier
+    from engines.tune_feedback import FeedbackConfig, tune_feedback
+
+    params = dict(job.params)
+    config = FeedbackConfig(**params.get("config", {}))
+    services.model_spec = params.get("model") or "demo"
+    text2image = services.text2image()
+    from studio.services import default_taxonomy
+
+    classifier = ArtifactClassifier(load_classifier(params["classifier"], device=services.device,
+                                                    taxonomy=params.get("taxonomy") or default_taxonomy()))
+    detector = services.detector(params.get("detector") or "demo")
+    result = tune_feedback(config, text2image.loaded, classifier, params["prompts"], out,
+                           eval_prompts=params.get("eval_prompts") or None, detector=detector,
+                           should_stop=should_stop, log=log)
+    return {**result.to_json(), "stopped": bool(result.stopped)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,9 +61,11 @@ class Services:
     segmenter_spec: str = "superpixel"
     active_detector: str = DEMO  # the Inspect tab's default detector ("Use this checkpoint" in Train sets it)
     active_lora: str | None = None  # a LoRA folder offered in Generate
+    active_classifier: str | None = None  # the Label/Inspect default classifier ("Use this checkpoint" in Train)
     export_root: Path | None = None  # where the UI may export to (serve --export-root); None: <data_dir>/exports
     _text2image: object | None = field(default=None, repr=False)
     _detectors: dict = field(default_factory=dict, repr=False)
+    _classifiers: dict = field(default_factory=dict, repr=False)
     _corruptor: object | None = field(default=None, repr=False)
     _applied_lora: str | None = field(default=None, repr=False)
     _segmenter: object | None = field(default=None, repr=False)  # the shared segmenter backend (one model)
@@ -244,6 +246,12 @@ class Services:
             if self.active_detector not in self._detectors:
                 rows.append({"role": "detector (default)", "spec": self.active_detector, "device": self.device,
                              "parameters": None, "memory_mb": None, "note": "loads on first use"})
+            for spec, classifier in self._classifiers.items():
+                module = classifier.loaded.model
+                rows.append({"role": "classifier" + (" (default)" if spec == (self.active_classifier or DEMO) else ""),
+                             "spec": spec, "device": classifier.loaded.device,
+                             **_module_size(getattr(module, "model", module)),
+                             "note": "demo" if classifier.loaded.is_demo else "loaded"})
         return rows
 
     def taxonomy(self, session_id: int) -> list[dict]:
@@ -262,6 +270,38 @@ class Services:
                     self._detectors.pop(next(iter(self._detectors)))
                 self._detectors[key] = ArtifactDetector(load_detector(key, data_dir=self.data_dir, device=self.device))
             return self._detectors[key]
+
+    def classifier(self, spec: str | None = None, taxonomy: list[dict] | None = None):
+        """An ArtifactClassifier for `spec` ("demo" when empty), loaded once and kept (at most 2). `taxonomy`
+        is what a VLM is asked about by default (per call, `classify(..., taxonomy=...)` overrides it)."""
+        from engines.classify import ArtifactClassifier, load_classifier
+
+        key = (spec or DEMO).strip()
+        with self._lock:
+            if key not in self._classifiers:
+                while len(self._classifiers) >= 2:
+                    self._classifiers.pop(next(iter(self._classifiers)))
+                self._classifiers[key] = ArtifactClassifier(load_classifier(key, device=self.device, taxonomy=taxonomy))
+            return self._classifiers[key]
+
+    def suggest(self, image_id: int, region_key: str, spec: str | None = None, top: int = 3) -> dict:
+        """What a classifier says about one Label region, without writing anything: {"classes": [(name, p)]
+        (the `top` most probable), "caption", "class_name" (the best class), "note"}. Accepting it is the
+        caller's explicit, separate edit (author "classifier-assisted")."""
+        state = self.store.label_state(image_id)
+        region = next((r for r in state.regions if r.key == region_key), None)
+        if region is None or region.bbox is None:
+            raise ValueError(f"Region {region_key!r} does not exist on image {image_id} or is empty; select a region.")
+        session_id = self.store.get_image(image_id).session_id
+        taxonomy = self.taxonomy(session_id)
+        classifier = self.classifier(spec, taxonomy)
+        with self.gpu_lock:
+            (result,) = classifier.classify([self.store.load_rgb(image_id)], [[tuple(region.bbox)]], taxonomy=taxonomy)
+        ranked = sorted(result.probabilities, key=lambda kv: -kv[1])[:max(1, int(top))]
+        best = result.predicted[0] if result.predicted else None
+        caption = best.caption if best else ""
+        return {"classes": ranked, "class_name": ranked[0][0], "caption": caption,
+                "note": classifier.loaded.note, "classifier": classifier.classifier_id}
 
     def detect_images(self, image_ids: list[int], spec: str | None = None, *, mode: str = "resize",
                       progress=None, should_stop=None, before_store=None) -> list[tuple[int, int]]:

@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sqlite3
 import tempfile
 import threading
@@ -33,7 +34,7 @@ import sqlite_utils
 from PIL import Image
 
 IMAGE_SOURCES = ("generated", "uploaded", "corrupted", "repaired", "sample")
-MASK_AUTHORS = ("human", "sam-assisted", "detector", "synthetic")
+MASK_AUTHORS = ("human", "sam-assisted", "detector", "synthetic", "classifier-assisted")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
 GENERATION_KEYS = ("prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale",
                    "width", "height", "count", "model_id", "params", "duration_s")
@@ -338,8 +339,48 @@ def _m6_session_ids(db: sqlite_utils.Database) -> None:
         db.execute(sql)
 
 
+# The default taxonomy before _m7_taxonomy (assets/taxonomy_studio_v1.json), frozen here as that migration saw it.
+_STUDIO_V1_CLASSES = [
+    ("distortion", "A body part, face, animal or object is deformed: wrong shape, melted, twisted or warped."),
+    ("omission", "Something that should be there is missing: fingers, limbs, an eye, part of an object."),
+    ("duplication", "A part or object is repeated where it should appear once: extra fingers, limbs, heads or copies."),
+    ("fusion", "Two separate things are merged into one: fingers fused, a person blended into furniture."),
+    ("illegible-text", "Letters, numbers or symbols are garbled, misspelled or meaningless."),
+    ("proportion", "Relative sizes are wrong: a tiny hand, an oversized head, a giant cup."),
+    ("structure", "Impossible geometry or perspective: lines that do not meet, impossible architecture, floating parts."),
+    ("texture", "Unnatural texture: smeared, plastic, repetitive or patchy surface detail."),
+    ("blur", "A local region is blurred or lacks detail compared with its surroundings."),
+    ("noise", "Noise, grain, blotches or checkerboard patterns that do not belong to the scene."),
+    ("color", "Unnatural colour: colour bleeding, wrong skin tone, oversaturated or banded patches."),
+    ("lighting", "Light is inconsistent: highlights or shading from a direction that contradicts the scene."),
+    ("shadow-reflection", "A shadow or reflection is missing, misplaced or does not match its object."),
+]
+
+
+def _m7_taxonomy(db: sqlite_utils.Database) -> None:
+    """The default taxonomy became SynArtifact's: every existing session that used the implicit old default
+    gets an explicit copy of it, so its classes do not change. Mask authors gain "classifier-assisted"
+    (the masks table is rebuilt with the wider CHECK, columns, rows, ids and indexes kept)."""
+    classes = json.dumps([{"name": n, "definition": d} for n, d in _STUDIO_V1_CLASSES])
+    db.execute("INSERT INTO taxonomies (session_id, classes, updated_at) SELECT id, ?, ? FROM sessions "
+               "WHERE id NOT IN (SELECT session_id FROM taxonomies)", (classes, _now()))
+    (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'masks'").fetchone()
+    authors = ", ".join(f"'{a}'" for a in MASK_AUTHORS)
+    wider = re.sub(r"CHECK \(author IN \([^)]*\)\)", f"CHECK (author IN ({authors}))", sql)
+    if wider == sql:
+        return
+    indexes = [r[0] for r in db.execute("SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'masks' "
+                                        "AND sql IS NOT NULL").fetchall()]
+    db.execute(re.sub(r"^CREATE TABLE \"?masks\"?", "CREATE TABLE masks_m7", wider, count=1))
+    db.execute("INSERT INTO masks_m7 SELECT * FROM masks")
+    db.execute("DROP TABLE masks")
+    db.execute("ALTER TABLE masks_m7 RENAME TO masks")
+    for index in indexes:
+        db.execute(index)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial, _m2_detection, _m3_labels, _m4_jobs,
-                                                             _m5_captions, _m6_session_ids]
+                                                             _m5_captions, _m6_session_ids, _m7_taxonomy]
 _FILE_REFERENCES = ("SELECT 1 FROM images WHERE sha256 = :sha UNION ALL SELECT 1 FROM masks WHERE sha256 = :sha "
                     "UNION ALL SELECT 1 FROM masks WHERE raw_sha256 = :sha "
                     "UNION ALL SELECT 1 FROM heatmaps WHERE sha256 = :sha LIMIT 1")
@@ -1158,6 +1199,17 @@ class Store:
             return self._head(image_id) > 0 or self._conn.execute(
                 "SELECT 1 FROM masks WHERE image_id = ? AND status = 'final' LIMIT 1", (image_id,)).fetchone() is not None
 
+    def class_counts(self, session_id: int | str) -> dict[str | None, int]:
+        """Current regions of the session per class name (None = no class), most frequent first."""
+        with self._lock:
+            sid = self._session_id(session_id)
+            ids = [r[0] for r in self._conn.execute("SELECT id FROM images WHERE session_id = ?", (sid,))]
+            counts: dict[str | None, int] = {}
+            for image_id in ids:
+                for region in self.label_state(image_id).regions:
+                    counts[region.class_name] = counts.get(region.class_name, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0] or "")))
+
     def session_taxonomy(self, session_id: int | str, default: list[dict]) -> list[dict]:
         """The session's classes [{"name", "definition"}], or `default` if it has none of its own."""
         with self._lock:
@@ -1166,12 +1218,17 @@ class Store:
             return json.loads(row[0]) if row else list(default)
 
     def set_session_taxonomy(self, session_id: int | str, classes: list[dict]) -> None:
-        """Replace the session's classes; each needs a unique non-empty "name" (and a "definition")."""
+        """Replace the session's classes; each needs a unique non-empty "name" (and a "definition"). Names
+        are checked and cleaned like session names (`check_name`); unique after cleaning."""
         names = [c["name"].strip() if isinstance(c, dict) and isinstance(c.get("name"), str) else ""
                  for c in classes]
         if not classes or any(not n for n in names) or len(set(names)) != len(names):
             raise ValueError("A taxonomy needs at least one class, each with a unique, non-empty name.")
         names = [check_name(n, f"Class name {n!r}") for n in names]
+        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if twice is not None:  # e.g. "hand" and "hand" + an invisible character
+            raise ValueError(f"The class name {twice!r} appears twice (invisible characters are ignored); "
+                             "class names must be unique.")
         clean = [{"name": n, "definition": str(c.get("definition", "")).strip()} for n, c in zip(names, classes)]
         with self._tx():
             sid = self._session_id(session_id)

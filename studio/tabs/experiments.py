@@ -10,7 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from studio.tabs.common import Shared, bind
+from studio.tabs.common import Shared, bind, wire
 
 STEP_HEADERS = ["step", "state", "units done", "job", "current unit", "seconds"]
 HINT = ("Start a run from a terminal: `artifact-studio experiment run tiny` (minutes on CPU, synthetic data) or "
@@ -31,11 +31,11 @@ def build(services, shared: Shared, tab: gr.Tab) -> None:
     timer = gr.Timer(3.0, active=True)
 
     view = [run, summary, steps, results, plots]
-    tab.select(bind(refresh, services), inputs=[run], outputs=view)
-    refresh_button.click(bind(refresh, services), inputs=[run], outputs=view)
-    run.input(bind(refresh, services), inputs=[run], outputs=view)
-    timer.tick(bind(refresh_progress, services), inputs=[run], outputs=[summary, steps], queue=False,
-               show_progress="hidden")
+    wire(tab.select, bind(refresh, services), inputs=[run], outputs=view)
+    wire(refresh_button.click, bind(refresh, services), inputs=[run], outputs=view)
+    wire(run.input, bind(refresh, services), inputs=[run], outputs=view)
+    wire(timer.tick, bind(refresh_progress, services), inputs=[run], outputs=[summary, steps], queue=False,
+         show_progress="hidden")
 
 
 def run_choices(services) -> list[tuple[str, str]]:

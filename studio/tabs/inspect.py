@@ -14,6 +14,7 @@ import numpy as np
 
 from engines.detect import COLORMAPS, find_regions, mask_edges, render_overlay
 from studio.store import NewImage
+from studio.tabs import classifier_panels
 from studio.tabs.common import (GPU, Shared, ask_first, bind, browser_state, confirm_box, gallery_items,
                                 keep_running_box, number, owner_of, page_of, remember_open, require_session,
                                 task_text, user_errors, user_message, wire)
@@ -76,6 +77,7 @@ def build(services, shared: Shared, tab: gr.Tab) -> None:
                                       choices=[], elem_id="inspect-chosen")
             send = gr.Button("Send chosen regions to Label as draft masks", elem_id="inspect-send")
             send_status = gr.Markdown(elem_id="inspect-send-status")
+            classify_panel = classifier_panels.inspect_classify_panel(services)
             with gr.Accordion("Repair: detect → mask → inpaint → re-score", open=False,
                               elem_id="inspect-repair-box") as repair_box:
                 with gr.Row():
@@ -142,6 +144,7 @@ def build(services, shared: Shared, tab: gr.Tab) -> None:
     wire(heat_sides.change, bind(show_candidate, shared), inputs=[pick, heat_sides], outputs=[repair_slider])
     wire(keep.click, bind(keep_candidate, services, shared), inputs=[sess, pick], outputs=[repair_status, gallery],
          status=repair_status)
+    classifier_panels.wire_inspect_classify(services, shared, classify_panel, threshold)
     remember_open(shared, "inspect", {"repair": repair_box})
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from engines.detect import mask_edges, score_image
 from studio.store import NewMask
+from studio.tabs import classifier_panels
 from studio.tabs.common import GPU, Shared, bind, browser_state, remember_open, require_session, user_errors, wire
 
 VIEW_KEY = "label-view"
@@ -26,13 +27,14 @@ document.addEventListener('keydown', (e) => {
   const t = e.target; if (t && (t.tagName === 'INPUT' || t.tagName === 'TEXTAREA' || t.isContentEditable)) return;
   if (e.ctrlKey || e.metaKey || e.altKey) return;
   const ids = {n: 'label-next', ArrowRight: 'label-next', p: 'label-prev', ArrowLeft: 'label-prev',
-               u: 'label-undo', y: 'label-redo'};
+               u: 'label-undo', y: 'label-redo', s: 'label-suggest', a: 'label-accept-suggestion'};
   const id = ids[e.key]; if (!id) return;
   const b = document.getElementById(id); if (b && b.offsetParent !== null) { b.click(); e.preventDefault(); }
 });
 </script>
 """
-"""Keyboard shortcuts of the Label tab (n/→ next, p/← previous, u undo, y redo), injected via launch(head=)."""
+"""Keyboard shortcuts of the Label tab (n/→ next, p/← previous, u undo, y redo, s suggest a class, a accept
+the suggestion), injected via launch(head=)."""
 
 
 @dataclass
@@ -107,6 +109,7 @@ def build(services, shared: Shared, tab: gr.Tab) -> None:
             with gr.Accordion("Taxonomy of this session", open=False, elem_id="label-taxonomy-box") as taxonomy_box:
                 taxonomy = gr.Code(language="json", label="Classes (name + definition)", lines=12)
                 save_taxonomy = gr.Button("Save taxonomy")
+            suggest_panel = classifier_panels.label_suggest_panel(services)
 
     remembered = browser_state(shared, None, "label-image")
     remembered_order = browser_state(shared, None, "label-order")
@@ -150,6 +153,7 @@ def build(services, shared: Shared, tab: gr.Tab) -> None:
          status=status)
     remember_open(shared, "label", {"brush": brush_box, "detector": detector_box, "agreement": agree_box,
                                     "taxonomy": taxonomy_box})
+    classifier_panels.wire_label_suggest(services, shared, suggest_panel, screen, status)
 
 
 def remember_order(order: str) -> str:

@@ -5,6 +5,7 @@ import gradio as gr
 
 from engines.images import load_image
 from studio.store import NewImage
+from studio.tabs import classifier_panels
 from studio.tabs.common import (Shared, bind, gallery_items, require_session, session_choices, user_errors, user_message,
                                 wire)
 
@@ -30,16 +31,19 @@ def build(services, shared: Shared, tab: gr.Tab) -> None:
                              file_types=["image"], elem_id="sessions-upload")
             with gr.Accordion("Export labels", open=False):
                 with gr.Row():
-                    export_format = gr.Dropdown(["png", "coco", "hf", "synartifact", "mmseg"], value="coco",
+                    export_format = gr.Dropdown(["png", "coco", "hf", "synartifact", "mmseg", "vlm"], value="coco",
                                                 label="Format")
                     export_dir = gr.Textbox(label="Folder (new or empty, inside the exports folder)",
                                             placeholder="hands-coco", elem_id="sessions-export-dir")
+                export_background = gr.Checkbox(label="Also export never-labelled images (as all background)",
+                                                value=False, elem_id="sessions-export-background")
                 export = gr.Button("Export current session", elem_id="sessions-export")
             message = gr.Markdown(elem_id="sessions-message")
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="Images in this session", columns=4, height=520, elem_id="sessions-gallery",
                                  interactive=False)
             provenance = gr.JSON(label="Provenance of the selected image")
+            class_counts = classifier_panels.sessions_counts_panel()
 
     session = shared.session
     wire(create.click, bind(create_session, services), inputs=[name], outputs=[session, table, message], status=message)
@@ -55,8 +59,9 @@ def build(services, shared: Shared, tab: gr.Tab) -> None:
     wire(tab.select, bind(show_session, services), inputs=[session], outputs=[gallery, table, provenance])
     wire(tab.select, bind(refresh_choices, services), inputs=[session], outputs=[session])
     wire(gallery.select, bind(show_provenance, services), inputs=[session], outputs=[provenance])
-    wire(export.click, bind(export_labels, services), inputs=[session, export_format, export_dir], outputs=[message],
+    wire(export.click, bind(export_labels, services), inputs=[session, export_format, export_dir, export_background], outputs=[message],
          status=message)
+    classifier_panels.wire_sessions_counts(services, shared, class_counts, tab)
 
 
 def refresh_choices(services, session_id):
@@ -146,13 +151,15 @@ def show_provenance(services, session_id, evt: gr.SelectData):
 
 
 @user_errors
-def export_labels(services, session_id, fmt: str, folder: str) -> str:
-    """Export the current session's labels into a folder inside `services.exports_dir`."""
+def export_labels(services, session_id, fmt: str, folder: str, unlabelled_as_background: bool = False) -> str:
+    """Export the current session's labels into a folder inside `services.exports_dir` (split by image
+    family, studio.splits); never-labelled images only when `unlabelled_as_background`."""
     from studio.export import export_session
 
     sid = require_session(session_id)
     out = export_folder(services, folder)
-    summary = export_session(services.store, sid, fmt, out, services.taxonomy(sid))
+    summary = export_session(services.store, sid, fmt, out, services.taxonomy(sid),
+                             unlabelled_as_background=bool(unlabelled_as_background))
     return f"Exported {summary.images} image(s) and {summary.regions} region(s) as **{fmt}** to `{summary.out_dir}`."
 
 

@@ -11,6 +11,7 @@ import gradio as gr
 import pandas as pd
 
 from studio.jobs import JobManager
+from studio.tabs import classifier_panels
 from studio.tabs.common import Shared, bind, number, require_session, user_errors, wire
 
 JOB_HEADERS = ["id", "kind", "status", "session", "created (UTC)", "result / error"]
@@ -74,6 +75,7 @@ def build(services, shared: Shared, tab: gr.Tab) -> None:
                 eval_detector = gr.Textbox(label="Independent evaluation detector (optional spec, not optimised)")
             launch = gr.Button("Launch", variant="primary", elem_id="train-launch")
             message = gr.Markdown(elem_id="train-message")
+            feedback = classifier_panels.feedback_panel(services)
         with gr.Column(scale=3):
             jobs = gr.Dataframe(headers=JOB_HEADERS, interactive=False, label="Jobs (newest first)", elem_id="train-jobs")
             job = gr.Dropdown([], label="Job shown", elem_id="train-job")
@@ -104,6 +106,7 @@ def build(services, shared: Shared, tab: gr.Tab) -> None:
     wire(stop.click, bind(stop_job, services), inputs=[job], outputs=[message], status=message)
     wire(resume.click, bind(resume_job, services), inputs=[job], outputs=[message], status=message)
     wire(use.click, bind(use_checkpoint, services), inputs=[job], outputs=[message], status=message)
+    classifier_panels.wire_feedback(services, feedback)
 
 
 def show_fields(kind: str):
@@ -338,7 +341,7 @@ def use_checkpoint(services, job_id) -> str:
     if job_id in (None, ""):
         raise ValueError("Choose a job first.")
     job = services.store.get_job(int(job_id))
-    if job.kind == "lora":
+    if job.kind in ("lora", "lora-feedback"):
         folder = job.result.get("lora_dir")
         if not folder or not Path(folder).is_dir():
             raise ValueError(f"Job {job.id} has no LoRA yet.")
@@ -350,6 +353,9 @@ def use_checkpoint(services, job_id) -> str:
         folder = str(last) if last.is_dir() else None
     if not folder or not Path(folder).is_dir():
         raise ValueError(f"Job {job.id} has no checkpoint yet.")
+    if job.kind == "classifier":
+        services.active_classifier = folder
+        return f"Classifier of job {job.id} is now the default in Label and Inspect (`{folder}`)."
     services.active_detector = folder
     return f"Detector of job {job.id} is now the default in Inspect (`{folder}`)."
 

@@ -182,7 +182,9 @@ def test_the_named_api_from_gradio_client(studio):
     found = client.predict(made["id"], detector="demo", api_name="/detect")
     assert len(found) == 3 and all(0.0 <= f["artifact_area"] <= 1.0 for f in found)
     assert client.predict(listed[0]["id"], api_name="/label_regions") == []
-    exported = client.predict(made["id"], "png", "exports/api-png", api_name="/export")
+    with pytest.raises(AppError, match="no labelled images"):  # unlabelled images are never exported by default
+        client.predict(made["id"], "png", "api-png", api_name="/export")
+    exported = client.predict(made["id"], "png", "api-png", unlabelled_as_background=True, api_name="/export")
     assert exported["images"] == 3 and (data_dir / "exports" / "api-png").is_dir()
 
     with pytest.raises(AppError, match="Steps: 1000 is above the maximum 500"):

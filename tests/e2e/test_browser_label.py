@@ -39,15 +39,15 @@ def test_click_proposal_class_caption_survives_reload(studio, page):
     expect(page.locator("#label-regions")).to_contain_text("unclassified")
 
     page.locator("#label-class input").click()
-    page.get_by_role("option", name="distortion").click()
+    page.get_by_role("option", name="Distorted and Deformated Components").click()
     page.locator("#label-caption textarea").fill("the cup handle melts into the saucer")
     page.locator("#label-save").click()
     expect(page.locator("#label-status")).to_contain_text("Saved r")
-    expect(page.locator("#label-regions")).to_contain_text("distortion")
+    expect(page.locator("#label-regions")).to_contain_text("Distorted and Deformated Components")
 
     page.reload()
     open_label(page, url)
-    expect(page.locator("#label-regions")).to_contain_text("distortion")
+    expect(page.locator("#label-regions")).to_contain_text("Distorted and Deformated Components")
     expect(page.locator("#label-caption textarea")).to_have_value("the cup handle melts into the saucer")
     con = sqlite3.connect(data_dir / "studio.db")
     assert con.execute("SELECT COUNT(*) FROM label_states").fetchone()[0] >= 2

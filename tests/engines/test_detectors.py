@@ -468,3 +468,21 @@ def test_upernet_family_without_path_is_random_and_untrained(tmp_path, family):
     n_params = sum(p.numel() for p in loaded.model.parameters())
     assert n_params > 25_000_000  # full-width backbone + 512-channel UperNet head (constructed, never run here)
     assert loaded.model.config.backbone_config.depths == upernet_config(family.split("-", 1)[1]).backbone_config.depths
+
+
+def test_arbitrary_bytes_are_one_sentence_never_a_crash(tmp_path):
+    """Any byte pattern given as a checkpoint is refused with a ValueError naming the file (issue 11): the
+    weights-only unpickler raises IndexError, KeyError, struct.error... on some garbage; 300 seeded
+    patterns, some starting like a pickle (0x80 0x02..0x05) or a zip archive, cover those paths."""
+    import random
+
+    from engines.checkpoints import safe_torch_load
+
+    rng = random.Random(0)
+    heads = [b"", b"\x80\x02", b"\x80\x04", b"PK\x03\x04"]
+    for i in range(300):
+        path = tmp_path / f"blob{i}.bin"
+        path.write_bytes(heads[i % len(heads)] + rng.randbytes(rng.randint(1, 600)))
+        with pytest.raises(ValueError) as info:
+            safe_torch_load(path)
+        assert f"blob{i}.bin" in str(info.value) and "\n" not in str(info.value)

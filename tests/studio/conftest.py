@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import sqlite3
 import struct
@@ -80,7 +81,7 @@ def corpus(tmp_path_factory, demo_dir):
         store.create_session("empty")
     # images
     Image.fromarray(NOISE).save(fx / "good.png")
-    (fx / "garbage.png").write_bytes(os.urandom(300))
+    (fx / "garbage.png").write_bytes(random.Random(1).randbytes(300))
     (fx / "empty.png").write_bytes(b"")
     big = np.random.default_rng(1).integers(0, 256, size=(300, 300, 3), dtype=np.uint8)
     Image.fromarray(big).save(fx / "whole.png")
@@ -120,7 +121,12 @@ def corpus(tmp_path_factory, demo_dir):
     shutil.copytree(demo_detector_dir(base), detector)
     weights = detector / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:200])
-    (fx / "random.bin").write_bytes(os.urandom(512))
+    (fx / "random.bin").write_bytes(random.Random(2).randbytes(512))
+    from engines.classify import DEMO_DIR as DEMO_CLASSIFIER
+
+    head = fx / "trunc-classifier"
+    shutil.copytree(DEMO_CLASSIFIER, head, ignore=shutil.ignore_patterns("*.py", "*.md"))
+    (head / "model.safetensors").write_bytes((head / "model.safetensors").read_bytes()[:200])
 
     class Evil:
         def __reduce__(self):
@@ -130,8 +136,11 @@ def corpus(tmp_path_factory, demo_dir):
     (fx / "evil.pkl").write_bytes(pickle.dumps(Evil(), protocol=2))
     (fx / "lora").mkdir()
     (fx / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{\"a\"")
-    (fx / "garbage.tfrecord").write_bytes(os.urandom(64))
+    (fx / "garbage.tfrecord").write_bytes(random.Random(3).randbytes(64))
     (fx / "prompts-empty.txt").write_text("\n\n")
+    (fx / "broken.toml").write_text("x = [")
+    (fx / "unknown-key.toml").write_text("[data]\nfoo = 1\n")
+    (fx / "bad-arch.toml").write_text('[model]\narchitecture = "resnet-9000"\n')
     (fx / "prompts-latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     return base, fx
 

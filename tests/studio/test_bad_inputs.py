@@ -194,10 +194,49 @@ CASES = [
     ("td-unknown-session", ["train-detector", "--session", "nope"], ["nope"], 1),
     ("td-zero-steps", ["train-detector", "--session", "s", "--steps", "0"], ["teps"], 1),
     ("td-resume-unknown", ["train-detector", "--resume", "999"], ["999"], 1),
+    # experiment (issue 14): bad configs fail before any work, naming the key
+    ("xp-missing-config", ["experiment", "run", "F/none.toml"], ["none.toml", "does not exist"], 1),
+    ("xp-broken-toml", ["experiment", "run", "F/broken.toml"], ["broken.toml", "not valid TOML"], 1),
+    ("xp-unknown-key", ["experiment", "run", "F/unknown-key.toml"], ["Unknown key 'data.foo'"], 1),
+    ("xp-unknown-arch", ["experiment", "run", "F/bad-arch.toml"], ["resnet-9000"], 1),
+    ("xp-unknown-profile", ["experiment", "run", "tiny", "--profile", "nope"], ["Unknown profile 'nope'"], 1),
+    ("xp-cuda-missing", ["experiment", "run", "tiny", "--device", "cuda"], ["CUDA is not available"], 1),
+    ("xp-status-not-a-run", ["experiment", "status", "F/no-images"], ["not an experiment run folder"], 1),
+    ("xp-report-not-a-run", ["experiment", "report", "F/no-images"], ["not an experiment run folder"], 1),
     ("tune-missing-prompts", ["tune", "--prompts", "F/none.txt", "--detector", "demo"], ["none.txt", "does not exist"], 1),
     ("tune-prompts-folder", ["tune", "--prompts", "F/no-images", "--detector", "demo"], ["is a folder"], 1),
     ("tune-prompts-empty", ["tune", "--prompts", "F/prompts-empty.txt", "--detector", "demo"], ["no prompts"], 1),
     ("tune-prompts-latin1", ["tune", "--prompts", "F/prompts-latin1.txt", "--detector", "demo"], ["UTF-8"], 1),
+    # classify / train-classifier (SynArtifact): nothing is ever written by classify; no job is created
+    ("cls-unknown-classifier", ["classify", "--session", "s", "--classifier", "clip:x"], ["Unknown classifier"], 1),
+    ("cls-missing-folder", ["classify", "--session", "s", "--classifier", "F/no-such-classifier/"],
+     ["does not exist"], 1),
+    ("cls-truncated-head", ["classify", "--session", "s", "--classifier", "head:F/trunc-classifier"],
+     ["damaged or truncated"], 1),
+    ("cls-vlm-not-a-model", ["classify", "--images", "F/wide", "--classifier", "vlm:F/no-images"], ["config.json"], 1),
+    ("cls-bad-option", ["classify", "--session", "s", "--classifier", "demo#threshold=7"], ["threshold"], 1),
+    ("cls-threshold", ["classify", "--session", "s", "--threshold", "1.5"], ["--threshold"], 1),
+    ("cls-batch-size", ["classify", "--session", "s", "--batch-size", "0"], ["--batch-size"], 1),
+    ("cls-regions-no-session", ["classify", "--images", "F/wide", "--regions", "labels"], ["--session"], 1),
+    ("cls-unknown-session", ["classify", "--session", "nope"], ["nope"], 1),
+    ("cls-empty-session", ["classify", "--session", "empty"], ["no images"], 1),
+    ("cls-images-no-images", ["classify", "--images", "F/no-images"], ["No image files"], 1),
+    ("cls-images-truncated", ["classify", "--images", "F/one-trunc"], ["trunc.png"], 1),
+    ("cls-no-source", ["classify"], ["--session", "--images"], 2),
+    ("tc-no-session", ["train-classifier", "--steps", "2"], ["--session"], 1),
+    ("tc-unknown-session", ["train-classifier", "--session", "nope"], ["nope"], 1),
+    ("tc-no-classified-regions", ["train-classifier", "--session", "s"], ["no labelled region with a class"], 1),
+    ("tc-zero-steps", ["train-classifier", "--session", "s", "--steps", "0"], ["steps"], 1),
+    ("tc-val-fraction", ["train-classifier", "--session", "s", "--val-fraction", "1.5"], ["val_fraction"], 1),
+    ("tc-fractions-sum", ["train-classifier", "--session", "s", "--val-fraction", "0.5", "--test-fraction", "0.5"],
+     ["below 1"], 1),
+    ("tc-bad-device", ["train-classifier", "--session", "s", "--device", "tpu"], ["tpu"], 1),
+    ("tc-unknown-classifier", ["train-classifier", "--session", "s", "--classifier", "clip:x"],
+     ["Unknown classifier"], 1),
+    ("tc-truncated-head", ["train-classifier", "--session", "s", "--classifier", "F/trunc-classifier"],
+     ["damaged or truncated"], 1),
+    ("tc-resume-unknown", ["train-classifier", "--resume", "999"], ["999"], 1),
+    ("tc-bad-level", ["train-classifier", "--session", "s", "--level", "pixel"], ["--level"], 2),
     # serve (fails before anything is written or launched)
     ("serve-public-no-auth", ["serve", "--host", "0.0.0.0"], ["Refusing", "--auth"], 1),
     ("serve-share-no-auth", ["serve", "--share"], ["Refusing", "share"], 1),
@@ -234,7 +273,8 @@ def _expand(argv: list[str], data: Path, fx: Path, tmp: Path, port: int) -> list
             a = str(port)
         out.append(a)
     if "--data-dir" not in out and out[0] not in ("frobnicate",):
-        out[1:1] = ["--data-dir", str(data)]
+        at = 2 if out[0] == "experiment" else 1  # after the action of a nested command
+        out[at:at] = ["--data-dir", str(data)]
     return out
 
 
@@ -305,7 +345,7 @@ def test_a_missing_stored_image_is_one_sentence_and_doctor_names_it(data, capsys
     with Store(data) as store:
         record = store.list_images("s")[1]
     Path(record.path).unlink()
-    rc = app.main(["export", "--data-dir", str(data), "--session", "s", "--format", "png", "--out",
+    rc = app.main(["export", "--data-dir", str(data), "--session", "s", "--format", "png", "--unlabelled-as-background", "--out",
                    str(data.parent / "exp")])
     err = capsys.readouterr().err.splitlines()
     assert rc == 1 and len(err) == 1 and "missing" in err[0], err

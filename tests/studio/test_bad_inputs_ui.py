@@ -48,6 +48,11 @@ def _label():
     return label
 
 
+def _panels():
+    from studio.tabs import classifier_panels
+    return classifier_panels
+
+
 def _corrupt():
     from studio.tabs import corrupt
     return corrupt
@@ -87,6 +92,11 @@ UI_CASES = [
     ("ui-taxonomy-bidi-class", lambda: _label().set_taxonomy, [None, S, '[{"name": "hand\\u202e"}]'],
      ["bidirectional"]),
     ("ui-taxonomy-not-json", lambda: _label().set_taxonomy, [None, S, "[{"], ["JSON"]),
+    ("ui-taxonomy-twice-after-cleaning", lambda: _label().set_taxonomy,
+     [None, S, '[{"name": "hand"}, {"name": "hand\\u200b"}]'], ["twice"]),
+    ("ui-feedback-no-prompts", lambda: _panels().launch_feedback, ["  \n ", "demo", "demo", 5], ["prompt"]),
+    ("ui-feedback-zero-steps", lambda: _panels().launch_feedback, ["a cat\na dog", "demo", "demo", 0], ["Steps"]),
+    ("ui-feedback-half-step", lambda: _panels().launch_feedback, ["a cat\na dog", "demo", "demo", 2.5], ["whole"]),
     ("ui-corrupt-negative-seed", lambda: _corrupt()._parse_seeds, ["0,-5"], ["seeds"]),
 ]
 

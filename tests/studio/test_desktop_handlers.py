@@ -242,3 +242,15 @@ def test_switching_models_rolls_back_when_loading_fails(services, tmp_path):
     assert services.text2image() is not engine
     roles = {r["role"]: r for r in services.loaded_models()}
     assert roles["text-to-image"]["parameters"] > 0 and roles["text-to-image"]["memory_mb"] > 0
+
+
+def test_only_the_named_api_is_public_in_the_built_ui(services):
+    """Every UI event goes through wire() (private); the API is exactly studio.api's endpoints, so no
+    auto-numbered name such as /refresh_3 appears (issue 12, item 4). The browser test checks the same
+    through gradio_client; this one needs no browser."""
+    from studio.api import StudioAPI
+    from studio.ui import build_ui
+
+    deps = build_ui(services).config["dependencies"]
+    public = sorted(d["api_name"] for d in deps if d.get("api_visibility") != "private")
+    assert public == sorted(StudioAPI.ENDPOINTS)

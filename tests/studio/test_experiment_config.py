@@ -101,6 +101,69 @@ def test_paper_recipe_and_corruption_protocol_reach_the_engines():
     assert set(CONFIG_PRESETS) == set(PRESETS) - {"custom"}
 
 
+def _trained_units(units):
+    return [u for u in units if u.kind in ("selector", "detector")]
+
+
+def test_units_train_with_the_resolved_paper_recipe_and_a_changed_recipe_retrains(monkeypatch):
+    """Every selector/detector unit carries the full config engines.train_recipes resolves (part of its key):
+    the paper recipe (plain cross-entropy, no class weights, uniform sampling, no jitter), 6e-5 with an
+    ADE20K init, the measured from-scratch rate without one; a recipe changed in the engines retrains."""
+    from engines import train_recipes
+
+    config = resolve({"data": {"synthesise": True}}, check_files=False)  # paper.toml, no init available
+    units = plan(config)
+    for unit in _trained_units(units):
+        tc = unit.params["train_config"]
+        assert tc["recipe"] == "paper" and tc["artifact_weight"] == 1.0 and tc["sampling"] == "uniform"
+        assert tc["color_jitter"] == 0.0 and tc["p_pos"] == 0.0 and tc["negative_fraction"] is None
+        assert tuple(tc["betas"]) == (0.9, 0.999) and tc["weight_decay"] == 0.01 and tc["lr_schedule"] == "poly"
+        assert (tc["batch_size"], tc["crop"]) == (8, 512) and tc["seed"] == unit.params["seed"]
+        assert tc["lr"] == train_recipes.SCRATCH_LR["upernet-convnext-tiny"]  # random init: the measured rate
+        assert tc["steps"] == (1000 if unit.kind == "selector" else 10000)
+    inited = resolve({"data": {"synthesise": True}, "model": {"init": "openmmlab/upernet-convnext-tiny"}},
+                     check_files=False)
+    for unit in _trained_units(plan(inited)):
+        assert unit.params["train_config"]["lr"] == 6e-5 and unit.params["train_config"]["aux_weight"] == 0.4
+    tiny = load_config(ASSETS / "tiny.toml")
+    for unit in _trained_units(plan(tiny)):  # tiny: the recipe's from-scratch rate, nothing else of its own
+        tc = unit.params["train_config"]
+        assert tc["lr"] == train_recipes.SCRATCH_LR["tiny"] and tc["artifact_weight"] == 1.0
+        assert tc["sampling"] == "uniform" and tc["steps"] == 1000
+    assert {unit.params["preset"] for unit in plan(tiny) if unit.kind == "corrupt"} == {"renoise-sd"}
+
+    before = {u.name: u.key for u in units}
+    monkeypatch.setitem(train_recipes.SCRATCH_LR, "upernet-convnext-tiny", 1e-4)
+    after = {u.name: u.key for u in plan(config)}
+    assert after["data"] == before["data"]
+    assert all(after[name] != key for name, key in before.items() if name != "data")  # selector and downstream
+
+
+def test_the_report_lists_every_deviation_from_the_papers_protocol():
+    from studio.experiment_report import deviations
+
+    paper = {k: (ours, theirs) for k, ours, theirs in deviations(resolve({}, check_files=False))}
+    assert paper == {"selector training: init": (None, "ADE20K UperNet"), "selector training: lr": (3e-4, 6e-5),
+                     "detector training: init": (None, "ADE20K UperNet"), "detector training: lr": (3e-4, 6e-5)}
+    inited = resolve({"model": {"init": "openmmlab/upernet-convnext-tiny"}}, check_files=False)
+    assert {k for k, _, _ in deviations(inited)} == {"selector training: init", "detector training: init"}
+    tiny = {k: (ours, theirs) for k, ours, theirs in deviations(load_config(ASSETS / "tiny.toml"))}
+    assert tiny["detector training: steps"] == (1000, 10000) and tiny["selector training: lr"] == (3e-3, 6e-5)
+    assert tiny["detector training: arch"] == ("tiny", "upernet-convnext-tiny") and "corruption.preset" not in tiny
+    assert tiny["data.synthesise"] == (True, False) and tiny["corruption.empty_regions"] == ("top:0.05", "skip")
+    weighted = resolve({"detector": {"recipe": "balanced"}}, check_files=False)
+    rows = {k: (ours, theirs) for k, ours, theirs in deviations(weighted)}
+    assert rows["detector training: artifact_weight"] == (None, 1.0)  # class weights from the pixel frequency
+    assert rows["detector training: sampling"] == ("balanced", "uniform") and "selector training: sampling" not in rows
+
+
+def test_a_recipe_value_the_trainer_refuses_fails_before_any_work(tmp_path, capsys):
+    """selector.seed is not range-checked by the config schema; the recipe's config check refuses it."""
+    code, err = _run(tmp_path, "[data]\nsynthesise = true\n[selector]\nseed = -1\n", capsys)
+    assert code == 1 and len(err.splitlines()) == 1 and "[selector]" in err and "Seed" in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
 def test_region_fallback_takes_the_most_probable_pixels():
     from studio.experiment_steps import region_mask
 

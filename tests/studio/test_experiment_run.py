@@ -199,6 +199,8 @@ def test_every_table_has_its_rows_and_every_number_is_finite_and_in_range(run):
     for title in ("Table 1.", "Table 2.", "Table 3.", "Table 4.", "Paper numbers", "Per-image IoU"):
         assert title in md
     assert md.count("| n/a | n/a |") == len(rows)
+    assert "## Config: deviations from the paper's protocol" in md  # the shrunk values, beside the paper's
+    assert "| `detector training: steps` | 16 | 10000 |" in md and "| `selector training: lr` | 0.001 | 6e-05 |" in md
     assert "(paper: 7,801)" in run.stderr and "(paper: 500)" in run.stderr
 
 
@@ -229,6 +231,82 @@ def test_the_headline_is_the_artifact_class_iou_on_the_fixed_test_set(run):
     row = next(r for r in _csv_rows(run) if r["table"] == "table1" and r["train"] == "human")
     assert float(row["artifact_iou_mean"]) == pytest.approx(np.mean(ious), abs=1e-3)
     assert float(row["artifact_iou_std"]) == pytest.approx(np.std(ious, ddof=1), abs=1e-3)
+
+
+def test_checkpoints_are_chosen_on_validation_with_the_paper_recipe_and_scored_on_test(run):
+    """Each trained unit's checkpoint is `best`, chosen on the experiment's validation images (its recorded
+    val score is recomputed on them; it is the first step with the highest val artifact IoU), trained with
+    the config engines.train_recipes resolved for it (the paper recipe: plain cross-entropy), never shown
+    the test set; the evaluation scores exactly that checkpoint."""
+    from engines.detectors import load_detector
+    from engines.train_detector import evaluate_detector
+    from studio import experiment_adapter as adapter
+    from studio.experiment import plan, unit_done
+
+    units = {u.name: u for u in plan(_config(run))}
+    data = run.out / units["data"].folder
+    index = json.loads((data / "index.json").read_text())
+    val = [adapter.sample(np.load(data / r["image"]), np.load(data / r["mask"]), "human", r["id"])
+           for r in index if r["role"] == "val"]
+    checked = 0
+    for unit in units.values():
+        if unit.kind not in ("selector", "detector"):
+            continue
+        result = unit_done(run.out, unit)["result"]
+        if result["checkpoint"] is None:
+            continue
+        folder = run.out / result["checkpoint"]
+        assert folder.name == "best" and result["selected_on"] == "val artifact_iou", unit.name
+        meta = json.loads((folder / "detector.json").read_text())["provenance"]
+        assert meta["config"] == unit.params["train_config"] and meta["recipe"] == "paper"
+        assert meta["class_weights"] == [1.0, 1.0] and meta["config"]["sampling"] == "uniform"
+        assert meta["config"]["color_jitter"] == 0.0 and meta["config"]["lr"] == 0.001
+        assert meta["experiment_split"]["val_ids"] == [s.name for s in val] and meta["val"]["num_images"] == len(val)
+        assert meta["test_images"] == 0 and "test" not in meta
+        rows = [json.loads(line) for line in (folder.parent / "metrics.jsonl").read_text().splitlines()]
+        rows = [r for r in rows if "artifact_iou" in r]
+        first_best = max(rows, key=lambda r: r["artifact_iou"])
+        assert meta["best_step"] == result["best_step"] == first_best["step"], unit.name
+        if unit.kind == "detector":
+            scored = unit_done(run.out, units[unit.name.replace("detector/", "evaluate/")])["result"]
+            assert scored["checkpoint"] == result["checkpoint"]
+        if unit.name in ("selector", "detector/human-s0"):
+            loaded = load_detector(str(folder), data_dir=folder)
+            again = evaluate_detector(loaded.model, loaded.extra, val)
+            assert again.artifact_iou == pytest.approx(meta["val"]["artifact_iou"], abs=1e-9)
+            assert again.miou == pytest.approx(meta["val"]["miou"], abs=1e-9)
+        checked += 1
+    assert checked >= 10
+
+
+def test_corrupted_datasets_follow_the_papers_protocol(run):
+    """Table 3's corruption step s of N inverts N - s steps; the baselines corrupt after `baseline_steps`;
+    direct corruption resamples nothing; every item uses the config's preset and is labelled by the
+    corrupted area."""
+    from studio.experiment import plan, variants
+
+    config = _config(run)
+    c = config.values["corruption"]
+    n, k = c["num_inference_steps"], c["inversion_steps"]
+    units = {u.name: u for u in plan(config)}
+    seen = set()
+    for name in variants(config):
+        manifest = run.out / units[f"corrupt/{name}"].folder / "manifest.jsonl"
+        made = [r for r in map(json.loads, manifest.read_text().splitlines()) if "skipped" not in r]
+        for row in made:
+            p = row["params"]
+            assert (p["num_inference_steps"], p["preset"], p["label"]) == (n, c["preset"], "corrupted"), name
+            if name.startswith("step"):
+                assert (p["method"], p["inversion_steps"]) == ("renoise", n - int(name[4:])), name
+            elif name == "proposed":
+                assert (p["method"], p["inversion_steps"]) == ("renoise", k)
+            elif name == "direct":
+                assert p["method"] == "direct" and row["unet_calls"] == 0
+            else:
+                assert (p["method"], p["baseline_steps"]) == (name, c["baseline_steps"]) and row["unet_calls"] > 0
+            seen.add(name)
+    assert seen == {"proposed", "rotate", "blur", "gaussian", "downscale", "direct", "step9", "step7", "step6",
+                    "step5", "step4"}
 
 
 def test_corruption_rows_train_on_synthetic_masks_only(run):

@@ -17,7 +17,7 @@ from studio.store import NewImage, NewMask, Store
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.filterwarnings(  # pycocotools' Cython decode under numpy 2, not ours
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
-TAXONOMY = json.loads((ROOT / "assets" / "taxonomy.json").read_text())["classes"]
+TAXONOMY = json.loads((ROOT / "assets" / "taxonomy_studio_v1.json").read_text())["classes"]
 
 
 def rgb(seed: int, h: int, w: int) -> np.ndarray:
@@ -421,7 +421,7 @@ def test_export_refuses_bad_requests(store, src, tmp_path):
     assert (out / "notes.txt").read_text() == "mine" and (out / "regions.csv").read_text().startswith("file,")
     (tmp_path / "empty-dir").mkdir()
     assert export_session(store, "src", "synartifact", tmp_path / "empty-dir", TAXONOMY).images == 4
-    assert set(EXPORT_FORMATS) == {"png", "coco", "hf", "synartifact", "mmseg"}
+    assert set(EXPORT_FORMATS) == {"png", "coco", "hf", "synartifact", "mmseg", "vlm"}
 
 
 def test_size_mismatched_mask_is_reported_not_stretched(store, tmp_path):

@@ -177,17 +177,17 @@ def test_save_class_caption_apply_strokes_undo_redo_and_delete(services, shared,
     first_mask = services.store.load_mask(region.mask_id)
     assert (region.class_name, region.caption) == (None, None)
 
-    screen = label.save_class_caption(services, shared, sid, "noise", "  six fingers  ", request=req)
+    screen = label.save_class_caption(services, shared, sid, "Localized Blur", "  six fingers  ", request=req)
     (r,) = state(services, image_id).regions
-    assert (r.key, r.mask_id, r.class_name, r.caption) == (region.key, region.mask_id, "noise", "six fingers")
-    assert screen[3] == "six fingers" and screen[2].value == "noise"
-    assert screen[4].startswith("*noise*:")  # the class definition stays shown after saving
+    assert (r.key, r.mask_id, r.class_name, r.caption) == (region.key, region.mask_id, "Localized Blur", "six fingers")
+    assert screen[3] == "six fingers" and screen[2].value == "Localized Blur"
+    assert screen[4].startswith("*Localized Blur*:")  # the class definition stays shown after saving
 
     # brush strokes at native size are added to the selected region as a new mask version
     layer = np.zeros((H, W, 4), np.uint8)
     layer[30:35, 2:8] = (255, 48, 48, 255)
     out = label.apply_strokes(services, shared, sid, {"background": picture(0), "layers": [layer], "composite": None},
-                              "add to selected region (or new)", "noise", "", request=req)
+                              "add to selected region (or new)", "Localized Blur", "", request=req)
     assert len(out) == 10 and out[-1]["layers"] == []
     background = out[-1]["background"]  # the brush canvas shows the image with its regions drawn on it
     assert background.shape == picture(0).shape
@@ -197,7 +197,7 @@ def test_save_class_caption_apply_strokes_undo_redo_and_delete(services, shared,
     (r2,) = state(services, image_id).regions
     expected = first_mask.copy()
     expected[30:35, 2:8] = True
-    assert r2.key == region.key and r2.mask_id > region.mask_id and (r2.class_name, r2.caption) == ("noise", "six fingers")
+    assert r2.key == region.key and r2.mask_id > region.mask_id and (r2.class_name, r2.caption) == ("Localized Blur", "six fingers")
     assert np.array_equal(services.store.load_mask(r2.mask_id), expected)
     ys, xs = np.nonzero(expected)
     assert r2.bbox == (xs.min(), ys.min(), xs.max(), ys.max())

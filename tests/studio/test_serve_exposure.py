@@ -122,7 +122,8 @@ def test_ui_exports_stay_inside_the_export_root(tmp_path):
     services = Services.open(tmp_path / "data")
     try:
         sid = services.store.create_session("s").id
-        services.store.add_images(sid, [NewImage(rgb=np.zeros((8, 8, 3), np.uint8), source="uploaded")])
+        image = services.store.add_images(sid, [NewImage(rgb=np.zeros((8, 8, 3), np.uint8), source="uploaded")])[0]
+        services.store.mark_reviewed(image.id)  # labelled: "no artifacts here"
         message = export_labels(services, sid, "png", "mine")
         assert (tmp_path / "data" / "exports" / "mine" / "regions.csv").is_file(), message
         for outside in (str(tmp_path / "elsewhere"), "../escape", "/etc/x"):
