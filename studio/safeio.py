@@ -190,10 +190,12 @@ class Created:
             self.undo()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary name in the same folder, flushed, then renamed."""
+def atomic_write_bytes(path: Path, data: bytes, *, prefix: str | None = None, suffix: str = ".tmp") -> None:
+    """Write `data` to `path` through a temporary name in the same folder (`prefix` + random +
+    `suffix`; default prefix ".<name>."), flushed, then renamed; the temporary file never outlives a
+    failure."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}." if prefix is None else prefix, suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import sqlite3
-import tempfile
 import threading
 import unicodedata
 from dataclasses import dataclass, field
@@ -32,6 +31,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import sqlite_utils
 from PIL import Image
+
+from studio.safeio import atomic_write_bytes
 
 IMAGE_SOURCES = ("generated", "uploaded", "corrupted", "repaired", "sample")
 MASK_AUTHORS = ("human", "sam-assisted", "detector", "synthetic", "classifier-assisted")
@@ -760,16 +761,7 @@ class Store:
         except FileNotFoundError:
             intact = None
         if not intact:  # missing, or a damaged leftover of the same name: (re)write it
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX, suffix=".png")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write_bytes(path, data, prefix=TEMP_PREFIX, suffix=".png")
             if intact is None:
                 created.append(path)
                 self._tx_created.append(path)

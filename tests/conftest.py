@@ -13,6 +13,19 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCH_THREADS = 2
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`):
+    the tiny models run fastest on one thread and far slower with two threads on two shared, busy
+    cores. The previous setting is restored after the module."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def demo_data_dir(tmp_path_factory) -> Path:
     """A data directory that holds the demo pipeline (seed 0), built once via ensure_demo_pipeline."""

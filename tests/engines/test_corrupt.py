@@ -46,16 +46,7 @@ def wrap(pipe, model_id="demo"):
     return LoadedModel(model=pipe, kind="text2image", model_id=model_id, path=None, is_demo=True, device="cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The 8x8-latent models run fastest on one thread, and far slower than that with two threads
-    on two shared, busy cores; the previous setting is restored after this module."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

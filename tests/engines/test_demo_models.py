@@ -12,19 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from engines.generate import GenerateParams
 
 SIZE = 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def centre_view(name: str) -> np.ndarray:

@@ -8,7 +8,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
 from scipy import ndimage
 
 from engines.detect import ArtifactDetector
@@ -21,12 +20,7 @@ PARAMS = RepairParams(threshold=0.5, grow=4, feather=2.0, seeds=(0, 1, 2), num_i
                       guidance_scale=1.0, prompt="a cat")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

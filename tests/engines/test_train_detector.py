@@ -26,12 +26,7 @@ from engines.train_detector import (BalancedSampler, TrainConfig, TrainSample, b
 MAGENTA = (235, 40, 220)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def texture(rng, size: int) -> np.ndarray:

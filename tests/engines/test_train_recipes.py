@@ -6,18 +6,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from engines.train_detector import BalancedSampler, TrainConfig, TrainSample, train_detector
 from engines.train_recipes import PAPER_LR, SCRATCH_LR, describe, resolve_recipe
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def square_sample(seed: int, name: str) -> TrainSample:

@@ -32,12 +32,7 @@ CONFIG = TuneConfig(steps=30, rank=4, alpha=8, lr=3e-3, num_inference_steps=4, b
                     guidance_scale=1.0, width=64, height=64, eval_seeds=(0, 1))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,13 @@ import json
 import os
 import random
 import shutil
-import sqlite3
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from snapshots import snapshot
 from PIL import Image
 
 from studio.store import NewImage, NewMask, Store
@@ -19,34 +19,10 @@ from studio.store import NewImage, NewMask, Store
 NOISE = np.random.default_rng(0).integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
 
 
-def db_dump(data_dir: Path) -> list[str]:
-    db = data_dir / "studio.db"
-    if not db.is_file():
-        return []
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return list(conn.iterdump())
-    finally:
-        conn.close()
-
-
-def file_tree(root: Path) -> dict[str, tuple[int, int]]:
-    """relative path -> (size, crc32) of every file (the database's WAL/SHM excluded: reads touch them)."""
-    if not root.is_dir():
-        return {"<not a folder>": (0, 0)} if root.exists() else {}
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and not p.name.endswith(("-wal", "-shm")):
-            out[p.relative_to(root).as_posix()] = (p.stat().st_size, zlib.crc32(p.read_bytes()))
-        elif p.is_dir():
-            out[p.relative_to(root).as_posix() + "/"] = (0, 0)
-    return out
-
-
 @pytest.fixture(scope="session")
 def data_snapshot():
     """snapshot(data_dir) -> (database dump, file tree): compare before and after a failed command."""
-    return lambda data_dir: (db_dump(Path(data_dir)), file_tree(Path(data_dir)))
+    return snapshot
 
 
 def png_with_header(path: Path, width: int, height: int) -> Path:

@@ -18,15 +18,7 @@ from studio.store import Store
 FAST = ["--num-inference-steps", "10", "--inversion-steps", "2", "--baseline-steps", "3", "--max-side", "64"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The 8x8-latent demo runs fastest on one thread (two threads on two shared cores crawl)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -19,33 +19,11 @@ import pytest
 from PIL import Image
 
 import app
+from snapshots import db_dump, file_tree, snapshot
 from studio.store import NewImage, NewMask, Store, StoreError, check_name
 
 ROOT = Path(__file__).resolve().parents[2]
 GEN = ["--prompt", "x", "--seed", "3", "--steps", "2", "--width", "64", "--height", "64"]
-
-
-def db_dump(data_dir: Path) -> list[str]:
-    db = data_dir / "studio.db"
-    if not db.is_file():
-        return []
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return list(conn.iterdump())
-    finally:
-        conn.close()
-
-
-def file_tree(root: Path) -> dict[str, int]:
-    """relative path -> size of every file and folder (the database's WAL/SHM excluded: reads touch them)."""
-    if not root.is_dir():
-        return {}
-    return {p.relative_to(root).as_posix() + ("/" if p.is_dir() else ""): 0 if p.is_dir() else p.stat().st_size
-            for p in sorted(root.rglob("*")) if not p.name.endswith(("-wal", "-shm"))}
-
-
-def snapshot(data_dir: Path) -> tuple:
-    return db_dump(data_dir), file_tree(data_dir)
 
 
 def noise(h: int, w: int, seed: int) -> np.ndarray:
