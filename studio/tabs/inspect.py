@@ -89,6 +89,7 @@ def build(services, shared: Shared, tab: gr.Tab) -> None:
                     repair_steps = gr.Slider(2, 100, value=20, step=1, label="Steps")
                     repair_prompt = gr.Textbox(label="Prompt (default: the image's prompt)")
                 repair = gr.Button("Repair", variant="primary", elem_id="inspect-repair")
+                repair_confirm_group, repair_confirm_text, repair_confirm, repair_cancel = confirm_box("inspect-repair")
                 candidates = gr.Gallery(label="Candidates (best first; scores in the table below)", columns=3,
                                         height=300, elem_id="inspect-candidates", interactive=False)
                 scores = gr.Dataframe(headers=CANDIDATE_HEADERS, label="Candidate scores (best first)",
@@ -136,10 +137,14 @@ def build(services, shared: Shared, tab: gr.Tab) -> None:
         wire(control.change, bind(rerender, services, shared), inputs=look, outputs=shown, queue=False)
     wire(send.click, bind(send_to_label, services, shared), inputs=[chosen, threshold], outputs=[send_status],
          status=send_status)
-    wire(repair.click, bind(start_repair, services, shared),
-         inputs=[chosen, threshold, grow, feather, strength, repair_seeds, repair_steps, repair_prompt, keep_running,
-                 shared.client],
-         outputs=[repair_status, timer], status=repair_status)
+    repair_form = [chosen, threshold, grow, feather, strength, repair_seeds, repair_steps, repair_prompt, keep_running,
+                   shared.client]
+    repair_started = [repair_status, timer, repair_confirm_group, repair_confirm_text]
+    wire(repair.click, bind(start_repair, services, shared, False), inputs=repair_form, outputs=repair_started,
+         status=repair_status)
+    wire(repair_confirm.click, bind(start_repair, services, shared, True), inputs=repair_form,
+         outputs=repair_started, status=repair_status)
+    wire(repair_cancel.click, hide_confirm, outputs=[repair_confirm_group, repair_status], queue=False)
     wire(pick.input, bind(show_candidate, shared), inputs=[pick, heat_sides], outputs=[repair_slider])
     wire(heat_sides.change, bind(show_candidate, shared), inputs=[pick, heat_sides], outputs=[repair_slider])
     wire(keep.click, bind(keep_candidate, services, shared), inputs=[sess, pick], outputs=[repair_status, gallery],
@@ -451,9 +456,10 @@ def _repair_units(rgb: np.ndarray, params) -> float:
 
 
 @user_errors
-def start_repair(services, shared: Shared, chosen: list, threshold, grow, feather, strength, seeds_text, steps, prompt,
-                 keep_running: bool = False, client=None, request: gr.Request = None):
-    """Repair the chosen regions (or everything above the threshold) of the open image; rank by the detector."""
+def start_repair(services, shared: Shared, confirmed: bool, chosen: list, threshold, grow, feather, strength,
+                 seeds_text, steps, prompt, keep_running: bool = False, client=None, request: gr.Request = None):
+    """Repair the chosen regions (or everything above the threshold) of the open image; rank by the detector.
+    A run estimated (from measured repairs of this model) to take long asks once first."""
     view = _view(shared, request)
     if view.image_id is None or view.scores is None:
         raise ValueError("Open an image and run a detector first.")
@@ -463,9 +469,14 @@ def start_repair(services, shared: Shared, chosen: list, threshold, grow, feathe
     spec = heatmap.detector_id if heatmap is not None and heatmap.family != "trajectory" else services.active_detector
     owner = owner_of(client, request)
     _refuse_if_busy(services, owner)
+    seconds = services.timings.estimate("repair", services.model_spec, _repair_units(view.rgb, params))
+    if ask_first(shared, request, "repair", repr((view.image_id, spec, params, int(mask.sum()))), seconds, confirmed):
+        return ("", gr.Timer(active=False), gr.Group(visible=True),
+                f"{len(params.seeds)} repair candidate(s) at {view.rgb.shape[1]}x{view.rgb.shape[0]} should take about "
+                f"**{duration_text(seconds)}** here (measured). Run it?")
     task = submit_repair(services, view.image_id, view.rgb, spec, params, mask, owner=owner, page=page_of(request),
                          keep_running=bool(keep_running))
-    return task_text(task, services.tasks), gr.Timer(active=True)
+    return task_text(task, services.tasks), gr.Timer(active=True), gr.Group(visible=False), ""
 
 
 def _candidate_outputs(view: View, heat_sides: bool):

@@ -184,6 +184,30 @@ def test_keep_before_any_repair_is_one_clear_sentence(services, shared, session)
     assert err.value.message == "Run Repair first, then choose a candidate to keep."
 
 
+def test_a_long_repair_asks_once(services, shared, session):
+    """Repair, like generation, detection and previews, asks before a run measured to take long."""
+    sid, ids = session
+    view = inspect._view(shared, request())
+    scores = np.zeros((48, 64), np.float32)
+    scores[10:30, 10:40] = 0.9
+    view.image_id, view.rgb, view.scores = ids[0], services.store.load_rgb(ids[0]), scores
+    units = inspect._repair_units(view.rgb, inspect.repair_request(services, ids[0], scores, [], 0.5, 4, 2, 0.75,
+                                                                   "0,1", 20, "x")[0])
+    services.timings.record("repair", services.model_spec, 600.0, units)  # "measured": 600 s for this very run
+    args = ([], 0.5, 4, 2, 0.75, "0,1", 20, "x")
+    status, timer, box, text = inspect.start_repair(services, shared, False, *args, client="b", request=request())
+    assert box.visible is True and timer.active is False and "about **10 min**" in text and "Run it?" in text
+    assert "2 repair candidate(s) at 64x48" in text and not services.tasks.tasks("b")
+    status, timer, box, text = inspect.start_repair(services, shared, True, *args, client="b", request=request())
+    assert box.visible is False and timer.active is True and len(services.tasks.tasks("b")) == 1  # Run anyway
+    services.tasks.cancel(services.tasks.tasks("b")[0].id)
+    wait_task(services, "b", "repair")
+    again = inspect.start_repair(services, shared, False, *args, client="b", request=request())
+    assert again[2].visible is False and len(services.tasks.tasks("b")) == 2  # the same run does not ask again
+    services.tasks.cancel(services.tasks.tasks("b")[0].id)
+    wait_task(services, "b", "repair")
+
+
 def test_training_an_empty_session_is_refused_at_launch(services, session):
     sid, _ = session
     with pytest.raises(gr.Error, match="has no labelled images"):
