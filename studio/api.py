@@ -266,9 +266,38 @@ class StudioAPI:
         return task.result
 
     def _scratch(self) -> Path:
+        """`<data-dir>/cache/api`, where previews not added to a session are written; result folders older
+        than SCRATCH_KEEP_S are removed first, so the folder does not grow without bound."""
         folder = self.services.data_dir / "cache" / "api"
         folder.mkdir(parents=True, exist_ok=True)
+        prune_scratch(folder, SCRATCH_KEEP_S)
         return folder
+
+
+SCRATCH_KEEP_S = 24 * 3600
+"""How long the API's preview files (corrupt_preview, repair) stay in `<data-dir>/cache/api`."""
+
+
+def prune_scratch(folder: Path, max_age_s: float, now: float | None = None) -> int:
+    """Remove the result folders (and stray files) in `folder` last modified more than `max_age_s` seconds
+    ago; a folder another call is removing or writing is left alone. Returns how many entries went."""
+    import shutil
+    import time
+
+    cutoff = (time.time() if now is None else now) - max_age_s
+    removed = 0
+    for entry in folder.iterdir():
+        try:
+            if entry.is_symlink() or entry.lstat().st_mtime >= cutoff:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 def register(services) -> StudioAPI:

@@ -278,3 +278,28 @@ def test_only_the_named_api_is_public_in_the_built_ui(services):
     deps = build_ui(services).config["dependencies"]
     public = sorted(d["api_name"] for d in deps if d.get("api_visibility") != "private")
     assert public == sorted(StudioAPI.ENDPOINTS)
+
+
+def test_api_preview_files_older_than_a_day_are_removed(services, tmp_path):
+    """The API's scratch folder does not grow without bound: old result folders go, fresh ones stay."""
+    import os
+
+    from studio.api import SCRATCH_KEEP_S, StudioAPI, prune_scratch
+
+    folder = StudioAPI(services)._scratch()
+    old, fresh, stray = folder / "repair-1-old", folder / "corrupt-2-new", folder / "stray.png"
+    for d in (old, fresh):
+        d.mkdir()
+        (d / "seed-0.png").write_bytes(b"x")
+    stray.write_bytes(b"x")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.png").write_bytes(b"x")
+    (folder / "link").symlink_to(outside)
+    day_ago = time.time() - SCRATCH_KEEP_S - 60
+    for p in (old, stray, folder / "link"):
+        os.utime(p, (day_ago, day_ago), follow_symlinks=False)
+    StudioAPI(services)._scratch()  # a new call prunes first
+    assert not old.exists() and not stray.exists() and (fresh / "seed-0.png").is_file()
+    assert (outside / "keep.png").is_file()  # a link is never followed
+    assert prune_scratch(folder, SCRATCH_KEEP_S) == 0
