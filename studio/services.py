@@ -349,33 +349,40 @@ class Services:
                       progress=progress, should_stop=should_stop)
 
     def compare_models(self, prompts: list[str], seeds: list[int], lora_dir: str, detector_spec: str, *,
-                       num_inference_steps: int = 20, threshold: float = 0.5, progress=None) -> list[dict]:
+                       num_inference_steps: int = 20, threshold: float = 0.5, progress=None,
+                       should_stop=None) -> list[dict]:
         """The same prompt x seed set generated with the base model and with a LoRA, each scored by the
-        detector: rows {prompt, seed, base, tuned, base_heatmap, tuned_heatmap, base_area, tuned_area}."""
+        detector: rows {prompt, seed, base, tuned, base_heatmap, tuned_heatmap, base_area, tuned_area}.
+        `should_stop()` true -> Cancelled before the next image (the LoRA is taken off either way)."""
         from engines.generate import GenerateParams
+        from engines.progress import Cancelled
 
         if not prompts or not seeds:
             raise ValueError("Give at least one prompt and one seed.")
         engine, detector = self.text2image(), self.detector(detector_spec)
         rows, total, done = [], 2 * len(prompts) * len(seeds), 0
         with self.gpu_lock:
-            for lora in (None, lora_dir):
-                self.use_lora(lora)
-                for prompt in prompts:
-                    for seed in seeds:
-                        image = engine.generate(GenerateParams(prompt=prompt, seed=seed,
-                                                               num_inference_steps=num_inference_steps)).images[0].rgb
-                        heat = detector.predict([image])[0].scores
-                        key = "base" if lora is None else "tuned"
-                        if lora is None:
-                            rows.append({"prompt": prompt, "seed": seed})
-                        row = next(r for r in rows if r["prompt"] == prompt and r["seed"] == seed)
-                        row.update({key: image, f"{key}_heatmap": heat,
-                                    f"{key}_area": float((heat >= threshold).mean())})
-                        done += 1
-                        if progress:
-                            progress(done, total)
-            self.use_lora(None)
+            try:
+                for lora in (None, lora_dir):
+                    self.use_lora(lora)
+                    for prompt in prompts:
+                        for seed in seeds:
+                            if should_stop is not None and should_stop():
+                                raise Cancelled("The comparison was stopped.")
+                            params = GenerateParams(prompt=prompt, seed=seed, num_inference_steps=num_inference_steps)
+                            image = engine.generate(params).images[0].rgb
+                            heat = detector.predict([image])[0].scores
+                            key = "base" if lora is None else "tuned"
+                            if lora is None:
+                                rows.append({"prompt": prompt, "seed": seed})
+                            row = next(r for r in rows if r["prompt"] == prompt and r["seed"] == seed)
+                            row.update({key: image, f"{key}_heatmap": heat,
+                                        f"{key}_area": float((heat >= threshold).mean())})
+                            done += 1
+                            if progress:
+                                progress(done, total)
+            finally:
+                self.use_lora(None)
         return rows
 
     def corruptor(self):

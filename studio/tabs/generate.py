@@ -8,7 +8,7 @@ from __future__ import annotations
 import gradio as gr
 
 from engines.generate import GenerateParams
-from studio.tabs.common import (GPU, Shared, ask_first, bind, confirm_box, gallery_items, keep_running_box, number,
+from studio.tabs.common import (Shared, ask_first, bind, confirm_box, gallery_items, keep_running_box, number,
                                 owner_of, page_of, remember_open, require_session, task_text, user_errors, wire)
 from studio.tasks import duration_text
 
@@ -58,11 +58,14 @@ def build(services, shared: Shared, tab: gr.Tab) -> None:
                     cmp_seeds = gr.Textbox(label="Seeds", value="0,1")
                     cmp_detector = gr.Textbox(label="Detector", value="demo")
                     cmp_steps = gr.Slider(2, 50, value=20, step=1, label="Steps")
-                compare = gr.Button("Compare", elem_id="generate-compare")
+                with gr.Row():
+                    compare = gr.Button("Compare", elem_id="generate-compare")
+                    cmp_stop = gr.Button("Stop", variant="stop", elem_id="generate-compare-stop")
                 cmp_totals = gr.Markdown(elem_id="generate-compare-totals")
                 cmp_gallery = gr.Gallery(label="Per prompt x seed: base · base heatmap · tuned · tuned heatmap",
                                          columns=4, height=420, interactive=False)
     timer = gr.Timer(1.0, active=False)
+    cmp_timer = gr.Timer(1.0, active=False)
 
     form = [shared.session, prompt, negative, seed, steps, guidance, width, height, count, trajectory, use_lora, lora,
             keep, shared.client]
@@ -75,8 +78,14 @@ def build(services, shared: Shared, tab: gr.Tab) -> None:
          outputs=[gallery, status, timer], show_progress="hidden")
     if shared.demo is not None:
         wire(shared.demo.load, bind(attach_generation, services), inputs=[shared.client], outputs=[status, timer])
-    wire(compare.click, bind(compare_models, services), inputs=[cmp_prompts, cmp_seeds, lora, cmp_detector, cmp_steps],
-         outputs=[cmp_totals, cmp_gallery], status=cmp_totals, concurrency_id=GPU, concurrency_limit=1)
+    wire(compare.click, bind(start_compare, services),
+         inputs=[cmp_prompts, cmp_seeds, lora, cmp_detector, cmp_steps, keep, shared.client],
+         outputs=[cmp_totals, cmp_timer], status=cmp_totals)
+    wire(cmp_stop.click, bind(stop_compare, services), inputs=[shared.client], outputs=[cmp_totals], status=cmp_totals)
+    wire(cmp_timer.tick, bind(poll_compare, services), inputs=[shared.client], outputs=[cmp_totals, cmp_gallery, cmp_timer],
+         show_progress="hidden")
+    if shared.demo is not None:
+        wire(shared.demo.load, bind(attach_compare, services), inputs=[shared.client], outputs=[cmp_totals, cmp_timer])
     wire(shared.session.change, bind(show_generated, services), inputs=[shared.session], outputs=[gallery])
     wire(tab.select, bind(show_generated, services), inputs=[shared.session], outputs=[gallery])
     wire(tab.select, bind(active_lora, services), inputs=[lora], outputs=[lora])
@@ -217,25 +226,78 @@ def poll_generation(services, session_id, client=None, request: gr.Request = Non
 
 # ---------------------------------------------------------------------------------------------- compare
 
-@user_errors
-def compare_models(services, prompts_text: str, seeds_text: str, lora_dir: str, detector: str, steps,
-                   progress=gr.Progress()):
-    """Base vs LoRA on the same prompt x seed set, each with its heatmap and artifact area; totals on top."""
-    from engines.detect import render_overlay
+COMPARE = ("compare",)
 
+
+@user_errors
+def start_compare(services, prompts_text: str, seeds_text: str, lora_dir: str, detector: str, steps,
+                  keep_running: bool = False, client=None, request: gr.Request = None):
+    """Queue base vs LoRA on the same prompt x seed set as a server task (progress, Stop, re-attach)."""
     prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()]
     try:
         seeds = [int(x) for x in (seeds_text or "").replace(" ", "").split(",") if x]
     except ValueError:
         raise ValueError(f"Seeds: '{seeds_text}' is not whole numbers separated by commas.") from None
+    if not prompts or not seeds:
+        raise ValueError("Prompts and Seeds: give at least one prompt and one seed.")
     if not (lora_dir or "").strip():
         raise ValueError("LoRA folder: empty; give the LoRA to compare against (Parameters → LoRA folder).")
+    steps = number(steps, "Steps", minimum=2, maximum=50, whole=True)
+    detector = (detector or "demo").strip()
+    owner = owner_of(client, request)
+    busy = [t for t in services.tasks.tasks(owner, "compare") if t.live]
+    if busy:
+        raise ValueError(f"A comparison of this browser is already {busy[0].status}; stop it first.")
 
-    def report(done: int, total: int) -> None:
-        progress((done, total), desc="Generating and scoring")
+    def work(task):
+        def report(done: int, total: int) -> None:
+            task.progress(done, total, "Generating and scoring")
 
-    rows = services.compare_models(prompts, seeds, lora_dir.strip(), (detector or "demo").strip(),
-                                   num_inference_steps=int(steps), progress=report)
+        rows = services.compare_models(prompts, seeds, lora_dir.strip(), detector, num_inference_steps=steps,
+                                       progress=report, should_stop=task.should_stop)
+        return {"rows": rows, "detector": detector}
+
+    task = services.tasks.submit("compare", owner, work, page=page_of(request), keep_running=bool(keep_running),
+                                 label=f"{len(prompts)} prompt(s) x {len(seeds)} seed(s), base and LoRA")
+    return task_text(task, services.tasks), gr.Timer(active=True)
+
+
+@user_errors
+def stop_compare(services, client=None, request: gr.Request = None) -> str:
+    task = services.tasks.current(owner_of(client, request), COMPARE)
+    if task is None or not task.live:
+        raise ValueError("No comparison of this browser is running.")
+    return services.tasks.cancel(task.id)
+
+
+def attach_compare(services, client=None, request: gr.Request = None):
+    live = services.tasks.attach_owner(owner_of(client, request), page_of(request))
+    task = next((t for t in live if t.kind in COMPARE), None)
+    if task is None:
+        return gr.skip(), gr.Timer(active=False)
+    return task_text(task, services.tasks), gr.Timer(active=True)
+
+
+def poll_compare(services, client=None, request: gr.Request = None):
+    """Timer tick: the comparison's progress; when done, the totals and the gallery."""
+    registry, page = services.tasks, page_of(request)
+    task = registry.current(owner_of(client, request), COMPARE, page)
+    if task is None:
+        return gr.skip(), gr.skip(), gr.Timer(active=False)
+    registry.attach(task, page)
+    if task.live:
+        return task_text(task, registry), gr.skip(), gr.Timer(active=True)
+    registry.mark_seen(task, page)
+    if task.status != "done":
+        return task_text(task, registry), gr.skip(), gr.Timer(active=False)
+    totals, items = compare_view(task.result["rows"], task.result["detector"])
+    return totals, items, gr.Timer(active=False)
+
+
+def compare_view(rows: list[dict], detector: str) -> tuple[str, list]:
+    """(totals line, gallery items: per prompt x seed base · base heatmap · tuned · tuned heatmap)."""
+    from engines.detect import render_overlay
+
     items = []
     for r in rows:
         label = f"{r['prompt'][:40]} · seed {r['seed']}"

@@ -303,3 +303,51 @@ def test_api_preview_files_older_than_a_day_are_removed(services, tmp_path):
     assert not old.exists() and not stray.exists() and (fresh / "seed-0.png").is_file()
     assert (outside / "keep.png").is_file()  # a link is never followed
     assert prune_scratch(folder, SCRATCH_KEEP_S) == 0
+
+
+@pytest.fixture
+def lora_dir(tmp_path):
+    """A real (random, rank-2) diffusers-format LoRA for the demo UNet, written by engines.tune's saver."""
+    from engines.models import build_demo_pipeline
+    from engines.tune import TuneConfig, _add_adapter, _save_lora
+
+    import torch
+
+    pipe = build_demo_pipeline(0)
+    _add_adapter(pipe.unet, TuneConfig(rank=2, alpha=2.0))
+    torch.manual_seed(0)
+    with torch.no_grad():  # LoRA B starts at zero (a no-op); make it change the images
+        for name, param in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    folder = tmp_path / "lora"
+    _save_lora(pipe, folder)
+    return folder
+
+
+def test_compare_models_is_a_task_with_progress_totals_and_stop(services, lora_dir):
+    """Compare base vs LoRA runs as a server task: a second page re-attaches, the result is the totals line
+    and base/heatmap/tuned/heatmap per prompt x seed; Stop ends it with nothing shown; the LoRA is off after."""
+    status, timer = generate.start_compare(services, "a cat", "0", str(lora_dir), "demo", 2, client="b",
+                                           request=request())
+    assert timer.active is True and ("Queued" in status or "Generating" in status)
+    assert generate.attach_compare(services, client="b", request=request("page-2"))[1].active is True
+    task = wait_task(services, "b", "compare")
+    assert task.status == "done"
+    totals, items, timer = generate.poll_compare(services, client="b", request=request())
+    assert totals.startswith("**Mean artifact area** (detector `demo`, threshold 0.5) over 1 images")
+    assert len(items) == 4 and timer.active is False
+    assert not np.array_equal(items[0][0], items[2][0])  # the LoRA changed the image
+    assert services._applied_lora is None
+
+    generate.start_compare(services, "a cat\na dog", "0,1,2", str(lora_dir), "demo", 2, client="b",
+                           request=request())
+    assert generate.stop_compare(services, client="b", request=request())
+    task = wait_task(services, "b", "compare")
+    assert task.status == "cancelled" and services._applied_lora is None
+    text, shown, timer = generate.poll_compare(services, client="b", request=request())
+    assert "stopped" in text.lower() and timer.active is False
+    with pytest.raises(gr.Error, match="No comparison of this browser is running"):
+        generate.stop_compare(services, client="b", request=request())
+    with pytest.raises(gr.Error, match="Seeds: 'x' is not whole numbers"):
+        generate.start_compare(services, "a cat", "x", str(lora_dir), "demo", 2, client="b", request=request())
