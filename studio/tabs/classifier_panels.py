@@ -40,13 +40,15 @@ class LabelSuggestPanel:
 
 
 def label_suggest_panel(services) -> LabelSuggestPanel:
-    with gr.Accordion("Suggest a class (artifact classifier)", open=False):
+    """Suggest / Accept stay visible (their s and a keys act only on visible buttons); the classifier
+    choice folds away."""
+    with gr.Row():
+        suggest = gr.Button("Suggest a class (s)", elem_id="label-suggest")
+        accept = gr.Button("Accept suggestion (a)", elem_id="label-accept-suggestion")
+    text = gr.Markdown(elem_id="label-suggestion")
+    with gr.Accordion("Artifact classifier for suggestions", open=False):
         spec = gr.Textbox(label="Classifier", value=getattr(services, "active_classifier", None) or "demo",
                           elem_id="label-classifier", info="demo, head:FOLDER, vlm:FOLDER_OR_HUB_ID or a trained folder")
-        with gr.Row():
-            suggest = gr.Button("Suggest (s)", elem_id="label-suggest")
-            accept = gr.Button("Accept suggestion (a)", elem_id="label-accept-suggestion")
-        text = gr.Markdown(elem_id="label-suggestion")
     return LabelSuggestPanel(spec, suggest, accept, text)
 
 

@@ -38,6 +38,12 @@ def test_click_proposal_class_caption_survives_reload(studio, page):
     expect(page.locator("#label-status")).to_contain_text("Saved.")
     expect(page.locator("#label-regions")).to_contain_text("unclassified")
 
+    # Keyboard: s asks the classifier for the selected region, a accepts its top class.
+    page.keyboard.press("s")
+    expect(page.locator("#label-suggestion")).to_contain_text(re.compile(r"r\d+: .+ \d\.\d\d"), timeout=60_000)
+    page.keyboard.press("a")
+    expect(page.locator("#label-regions")).not_to_contain_text("unclassified", timeout=30_000)
+
     page.locator("#label-class input").click()
     page.get_by_role("option", name="Distorted and Deformated Components").click()
     page.locator("#label-caption textarea").fill("the cup handle melts into the saucer")
