@@ -714,11 +714,36 @@ def _read_meta(folder: Path) -> dict:
     return meta
 
 
-def _load_vlm(source: str, opts: dict, device: str, taxonomy, model_id: str, local_files_only: bool) -> LoadedModel:
-    import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+def check_classifier(spec: str | None, *, local_files_only: bool = False) -> None:
+    """Cheap check of a spec before a job is launched: a head (or the demo) is loaded (it is small); for a
+    VLM only its config is read (folder or hub cache) and its kind checked. Raises what loading would."""
+    text = (spec or DEMO).strip()
+    body, _, options = text.partition("#")
+    family, sep, path = body.partition(":")
+    if family == "vlm" and sep and path:
+        opts = _options(options)
+        _apply(ClassifierSpec(family="vlm"), {k: v for k, v in opts.items() if k != "lora"})
+        if opts.get("lora") and not Path(str(opts["lora"])).is_dir():
+            raise ModelNotFoundError(f"LoRA folder '{opts['lora']}' does not exist.")
+        _vlm_config(path, local_files_only)
+        return
+    folder = Path(body).expanduser()
+    if not sep and folder.is_dir() and (folder / CLASSIFIER_CONFIG).is_file():
+        meta = _read_meta(folder)
+        if meta.get("family") == "vlm":
+            _vlm_config(str(meta.get("base") or ""), local_files_only)
+            return
+    load_classifier(text, local_files_only=local_files_only)
+
+
+def _vlm_config(source: str, local_files_only: bool):
+    """(folder or None, where to load from, offline, config) of a VLM source; one sentence if it is missing,
+    unreadable, or not an image-text-to-text model."""
+    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
+    if not source:
+        raise ValueError("The vlm classifier needs a model: vlm:/path/to/model-folder or vlm:HUB_ID.")
     folder = local_folder(source)
     if folder is not None and not (folder / "config.json").is_file():
         raise ModelNotFoundError(f"Model folder '{source}' has no config.json; give a transformers model folder "
@@ -736,6 +761,14 @@ def _load_vlm(source: str, opts: dict, device: str, taxonomy, model_id: str, loc
         raise ValueError(f"'{source}' is a {getattr(config, 'model_type', type(config).__name__)} model, not an "
                          "image-text-to-text model (AutoModelForImageTextToText), so it cannot classify images; give a "
                          "VLM such as LLaVA, Qwen2-VL, PaliGemma or SmolVLM.")
+    return folder, where, offline, config
+
+
+def _load_vlm(source: str, opts: dict, device: str, taxonomy, model_id: str, local_files_only: bool) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder, where, offline, _ = _vlm_config(source, local_files_only)
     dtype = torch.float32
     if device.startswith("cuda"):
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

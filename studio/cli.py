@@ -1081,6 +1081,9 @@ def cmd_tune_feedback(args) -> int:
     prompts, held_out = list(split.train), list(split.evaluate)
     config = {"steps": args.steps, "seed": args.seed}
     FeedbackConfig(**config).validate()
+    from engines.classify import check_classifier
+
+    check_classifier(spec[len("classifier:"):])  # before any job exists
     services = _open_services(args)
     try:
         manager = JobManager(services.store)
@@ -1116,10 +1119,9 @@ def cmd_train_classifier(args) -> int:
             if args.split_seed < 0:
                 raise ValueError(f"--split-seed must be a non-negative integer, got {args.split_seed}.")
             device = resolve_device(args.device or ("cpu" if family == "head" else services.device))
-            if family == "head":  # a head (or demo) is small: loading it is the check, before any job exists
-                from engines.classify import load_classifier
+            from engines.classify import check_classifier
 
-                load_classifier(args.classifier)
+            check_classifier(args.classifier)  # before any job exists: a head loads, a VLM's config is read
             _check_classified_regions(services, session)
             job = manager.launch("classifier", {"config": config, "classifier": args.classifier, "level": args.level,
                                                 "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,

@@ -228,6 +228,9 @@ def launch_feedback(services, prompts_text: str, classifier: str, detector: str,
     train, held_out = list(split.train), list(split.evaluate)
     config = {"steps": number(steps, "Steps", minimum=1, whole=True), "seed": 0}
     FeedbackConfig(**config).validate()
+    from engines.classify import check_classifier
+
+    check_classifier(classifier)  # a missing or non-VLM model is one sentence now, not a failed job later
     job = JobManager(services.store).launch("lora-feedback", {
         "config": config, "prompts": train, "eval_prompts": held_out, "classifier": (classifier or "demo").strip(),
         "detector": (detector or "demo").strip(), "model": services.model_spec})

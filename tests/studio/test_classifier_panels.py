@@ -109,3 +109,6 @@ def test_inspect_classifies_detector_regions_and_sessions_count_classes(services
     assert P.class_counts(services, sid) == [["red", 1]]
     with pytest.raises(GrError, match="Give at least one prompt"):
         P.launch_feedback(services, "  \n", "demo", "demo", 2)
+    with pytest.raises(GrError, match="does not exist"):
+        P.launch_feedback(services, "a cat\na dog", "vlm:/nowhere/model", "demo", 2)
+    assert services.store.list_jobs() == []  # refused before a job existed

@@ -180,6 +180,10 @@ def test_tune_feedback_arguments_are_checked(capsys, tmp_path):
     assert rc == 1 and one_error_line(err, "classifier:SPEC")
     rc, _, err = cli(capsys, "tune", "--data-dir", tmp_path / "d", "--prompts", prompts)
     assert rc == 1 and one_error_line(err, "--detector is required")
+    rc, _, err = cli(capsys, "tune", "--data-dir", tmp_path / "d", "--prompts", prompts, "--feedback",
+                     f"classifier:vlm:{tmp_path / 'nowhere'}")
+    assert rc == 1 and one_error_line(err, "does not exist")
+    assert not (tmp_path / "d" / "studio.db").exists()  # refused before the data directory was touched
 
 
 def test_suggest_reads_a_region_and_writes_nothing(session, head_dir):
@@ -254,3 +258,24 @@ def test_classifier_samples_use_the_shared_family_split(session):
             classifier_samples(store, sid, TAX, val_fraction=0.6, test_fraction=0.5)
     finally:
         services.close()
+
+
+def test_train_classifier_checks_a_vlm_spec_before_any_job_exists(capsys, session, tmp_path):
+    """A missing, unreadable or non-VLM model, a bad option or a missing LoRA is one sentence at launch, and
+    no job is created; a real (tiny) VLM folder passes the check without loading its weights."""
+    data, sid = session
+    not_vlm = tmp_path / "not-vlm"
+    not_vlm.mkdir()
+    (not_vlm / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [(f"vlm:{tmp_path / 'nowhere'}", "does not exist"), (f"vlm:{empty}", "has no config.json"),
+             (f"vlm:{not_vlm}", "not an image-text-to-text model"),
+             (f"vlm:{empty}#scoring=maybe", "scoring"), (f"vlm:{empty}#lora={tmp_path / 'no-lora'}", "LoRA folder")]
+    for spec, words in cases:
+        rc, _, err = cli(capsys, "train-classifier", "--data-dir", data, "--session", sid, "--classifier", spec)
+        assert rc == 1 and one_error_line(err, words), (spec, err)
+    with Store(data) as store:
+        assert store.list_jobs() == []
+    vlm = C.save_tiny_vlm(tmp_path / "tiny-vlm", seed=3)
+    C.check_classifier(f"vlm:{vlm}")  # config read and kind checked; nothing raised
