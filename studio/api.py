@@ -42,9 +42,9 @@ def _api_errors(fn: Callable) -> Callable:
 class StudioAPI:
     """The endpoints; `register` publishes each method under its own name."""
 
-    ENDPOINTS = ("list_sessions", "create_session", "rename_session", "delete_session", "list_images", "generate",
-                 "detect", "label_regions", "export", "corrupt_preview", "repair", "list_tasks", "cancel_task",
-                 "list_models", "switch_model", "class_counts", "suggest_class")
+    ENDPOINTS = ("list_sessions", "create_session", "rename_session", "delete_session", "list_images", "add_images",
+                 "generate", "detect", "label_regions", "export", "corrupt_preview", "repair", "list_tasks",
+                 "cancel_task", "list_models", "switch_model", "class_counts", "suggest_class")
     LONG = ("generate", "detect", "corrupt_preview", "repair", "switch_model")  # run models: one GPU lane
 
     def __init__(self, services):
@@ -72,6 +72,25 @@ class StudioAPI:
     def list_images(self, session: int | str) -> list[dict]:
         """The session's images: {id, file (a PNG path on the studio's machine), width, height, source, params}."""
         return [_image(r) for r in self.services.store.list_images(session)]
+
+    def add_images(self, session: int | str, files: list[gr.FileData]) -> list[dict]:
+        """Add images to the session (gradio_client: `handle_file(path)` for each); all or nothing: one
+        unreadable file adds none. Returns the new images like list_images."""
+        from engines.images import load_image
+        from studio.store import NewImage
+
+        sid = self.services.store.get_session(session).id
+        items = []
+        for f in files or []:
+            path = f.get("path") if isinstance(f, dict) else getattr(f, "path", f)
+            name = (f.get("orig_name") if isinstance(f, dict) else getattr(f, "orig_name", None)) or Path(str(path)).name
+            try:
+                items.append(NewImage(rgb=load_image(str(path), name=name), source="uploaded", original_name=name))
+            except ValueError as exc:
+                raise ValueError(f"{user_message(exc)} Nothing was added.") from None
+        if not items:
+            raise ValueError("files: give at least one image file.")
+        return [_image(r) for r in self.services.store.add_images(sid, items)]
 
     # -- generate
     def generate(self, session: int | str, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20,

@@ -7,6 +7,7 @@ import re
 import sqlite3
 import time
 
+import numpy as np
 import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import expect
@@ -162,7 +163,7 @@ def test_the_named_api_from_gradio_client(studio):
     client = api_client(url)
     api = client.view_api(return_format="dict", print_info=False)
     names = set(api["named_endpoints"])
-    assert {"/generate", "/list_sessions", "/create_session", "/delete_session", "/list_images", "/detect",
+    assert {"/generate", "/list_sessions", "/create_session", "/delete_session", "/list_images", "/add_images", "/detect",
             "/label_regions", "/export", "/corrupt_preview", "/repair", "/list_tasks", "/cancel_task"} <= names
     assert not [n for n in names if re.search(r"_\d+$", n)] and not api["unnamed_endpoints"]  # no /undo_redo_1
     params = {p["parameter_name"]: p for p in api["named_endpoints"]["/generate"]["parameters"]}
@@ -191,6 +192,21 @@ def test_the_named_api_from_gradio_client(studio):
         client.predict(made["id"], "a clock", steps=1000, api_name="/generate")
     with pytest.raises(AppError, match="Unknown session 'no-such-session'"):
         client.predict("no-such-session", "a clock", api_name="/generate")
+
+    # Upload through the API (gradio_client's handle_file): all or nothing.
+    from gradio_client import handle_file
+    from PIL import Image
+
+    good = data_dir.parent / "api-upload.png"
+    Image.fromarray(np.full((40, 56, 3), 120, np.uint8)).save(good)
+    bad = data_dir.parent / "api-upload-bad.png"
+    bad.write_bytes(b"not an image")
+    added = client.predict(made["id"], [handle_file(str(good))], api_name="/add_images")
+    assert len(added) == 1 and (added[0]["width"], added[0]["height"]) == (56, 40)
+    assert added[0]["source"] == "uploaded"
+    with pytest.raises(AppError, match="Nothing was added"):
+        client.predict(made["id"], [handle_file(str(good)), handle_file(str(bad))], api_name="/add_images")
+    assert len(client.predict(made["id"], api_name="/list_images")) == 4
 
     client.predict(made["id"], api_name="/delete_session")
     again = client.predict("made-after-start", api_name="/create_session")
