@@ -295,14 +295,14 @@ def test_create_if_missing_interleaved_with_another_process(capsys, tmp_path, da
     another process creates the session. The command must reuse it, not fail "already exists"."""
     import studio.cli as cli
 
-    lookup = cli._session
+    lookup = cli.session_arg
 
     def lookup_then_other_process_creates(services, args):
         found = lookup(services, args)
         with Store(data) as other:
             other.create_session(args.session)
         return found
-    monkeypatch.setattr(cli, "_session", lookup_then_other_process_creates)
+    monkeypatch.setattr(cli, "session_arg", lookup_then_other_process_creates)  # what `import` calls
     src = tmp_path / "one.png"
     Image.fromarray(noise(20, 20, 1)).save(src)
     rc, out, err = run(capsys, "import", "--data-dir", data, "--session", "race", "--create-session", src)
