@@ -23,8 +23,6 @@ import re
 import sqlite3
 import threading
 import unicodedata
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -33,10 +31,10 @@ import sqlite_utils
 from PIL import Image
 
 from studio.safeio import atomic_write_bytes
+from studio.store_records import (GenerationRecord, HeatmapRecord, ImageRecord, JobRecord, LabelRegion, LabelState,
+                                  MaskRecord, NewImage, NewMask, SessionInfo, StoreError)
+from studio.store_schema import IMAGE_SOURCES, JOB_STATUSES, MASK_AUTHORS, MIGRATIONS, utc_now
 
-IMAGE_SOURCES = ("generated", "uploaded", "corrupted", "repaired", "sample")
-MASK_AUTHORS = ("human", "sam-assisted", "detector", "synthetic", "classifier-assisted")
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
 GENERATION_KEYS = ("prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale",
                    "width", "height", "count", "model_id", "params", "duration_s")
 MAX_NAME_LENGTH = 100
@@ -49,349 +47,12 @@ _GENERATION_TYPES = {"prompt": (str,), "negative_prompt": (str,), "model_id": (s
                      "count": _INT, "guidance_scale": _REAL, "duration_s": _REAL}
 
 
-class StoreError(ValueError):
-    """A user-facing problem (unknown session, duplicate name...). Message is one clear sentence."""
-
-
-@dataclass(frozen=True)
-class SessionInfo:
-    id: int
-    name: str
-    created_at: str
-    updated_at: str
-    image_count: int
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """A stored image. ``path`` is the absolute path of its PNG; ``params`` is decoded JSON."""
-    id: int
-    session_id: int
-    sha256: str
-    path: str
-    width: int
-    height: int
-    source: str
-    parent_id: int | None
-    generation_id: int | None
-    model_id: str | None
-    params: dict
-    original_name: str | None
-    created_at: str
-    caption: str | None = None  # the text the image is inverted and resampled with (None: unknown)
-
-
-@dataclass(frozen=True)
-class NewImage:
-    """An image to add: ``rgb`` is a uint8 numpy array of shape (H, W, 3).
-
-    ``caption`` None takes the generation's prompt when one is given, else the parent's caption.
-    """
-    rgb: np.ndarray
-    source: str
-    parent_id: int | None = None
-    model_id: str | None = None
-    params: dict = field(default_factory=dict)
-    original_name: str | None = None
-    masks: tuple["NewMask", ...] = ()
-    caption: str | None = None
-
-
-@dataclass(frozen=True)
-class NewMask:
-    """A mask to add with its image or alone: ``mask`` is bool[H, W] (True = artifact).
-
-    ``raw`` is an optional uint8 [H, W] map the mask was binarised from; ``status`` "final" or "draft".
-    """
-    mask: np.ndarray
-    author: str
-    class_name: str | None = None
-    caption: str | None = None
-    status: str = "final"
-    raw: np.ndarray | None = None
-    params: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class GenerationRecord:
-    id: int
-    session_id: int
-    prompt: str
-    negative_prompt: str | None
-    seed: int | None
-    num_inference_steps: int | None
-    guidance_scale: float | None
-    width: int | None
-    height: int | None
-    count: int
-    model_id: str | None
-    params: dict
-    duration_s: float | None
-    created_at: str
-
-
-@dataclass(frozen=True)
-class MaskRecord:
-    """A stored mask (a 1-bit PNG). ``bbox`` is (x_min, y_min, x_max, y_max), inclusive pixel
-    indices of the True pixels, or None for an empty mask; ``version`` is 1 for an image's first
-    mask and counts up per image."""
-    id: int
-    image_id: int
-    sha256: str
-    path: str
-    author: str
-    class_name: str | None
-    caption: str | None
-    bbox: tuple[int, int, int, int] | None
-    version: int
-    created_at: str
-    status: str = "final"
-    raw_sha256: str | None = None
-    raw_path: str | None = None
-    params: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class HeatmapRecord:
-    """A stored heatmap (16-bit grey PNG of score * 65535) and the detector run that made it."""
-    id: int
-    image_id: int
-    run_id: int
-    sha256: str
-    path: str
-    created_at: str
-    detector_id: str
-    family: str
-    is_demo: bool
-    run_params: dict
-
-
-@dataclass(frozen=True)
-class LabelRegion:
-    """One labelled region of an image: its current mask version (`mask_id`), class and caption.
-
-    `key` is stable across edits of the same region; `bbox` is (x0, y0, x1, y1) inclusive or None.
-    """
-    key: str
-    mask_id: int
-    class_name: str | None
-    caption: str | None
-    author: str
-    bbox: tuple[int, int, int, int] | None = None
-
-    def to_json(self) -> dict:
-        return {"key": self.key, "mask_id": self.mask_id, "class_name": self.class_name,
-                "caption": self.caption, "author": self.author,
-                "bbox": None if self.bbox is None else list(self.bbox)}
-
-
-@dataclass(frozen=True)
-class LabelState:
-    """The regions of an image at one point of its edit history; `seq` 0 = never edited."""
-    image_id: int
-    seq: int
-    regions: tuple[LabelRegion, ...]
-    can_undo: bool
-    can_redo: bool
-    action: str
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    """A training job: a supervised subprocess whose state lives in the `jobs` table."""
-    id: int
-    kind: str
-    status: str
-    params: dict
-    log_path: str | None
-    pid: int | None
-    created_at: str
-    started_at: str | None
-    finished_at: str | None
-    error: str | None
-    session_id: int | None
-    out_dir: str | None
-    result: dict
-
-
-# ---------------------------------------------------------------- migrations
-def _m1_initial(db: sqlite_utils.Database) -> None:
-    statuses = ", ".join(f"'{s}'" for s in JOB_STATUSES)
-    sources = ", ".join(f"'{s}'" for s in IMAGE_SOURCES)
-    authors = ", ".join(f"'{a}'" for a in MASK_AUTHORS)
-    for sql in [
-        """CREATE TABLE sessions (
-            id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE COLLATE NOCASE,
-            created_at TEXT NOT NULL, updated_at TEXT NOT NULL)""",
-        """CREATE TABLE generations (
-            id INTEGER PRIMARY KEY,
-            session_id INTEGER NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
-            prompt TEXT NOT NULL, negative_prompt TEXT, seed INTEGER, num_inference_steps INTEGER,
-            guidance_scale REAL, width INTEGER, height INTEGER, count INTEGER NOT NULL,
-            model_id TEXT, params TEXT NOT NULL DEFAULT '{}', duration_s REAL,
-            created_at TEXT NOT NULL)""",
-        f"""CREATE TABLE images (
-            id INTEGER PRIMARY KEY,
-            session_id INTEGER NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
-            sha256 TEXT NOT NULL, path TEXT NOT NULL,
-            width INTEGER NOT NULL, height INTEGER NOT NULL,
-            source TEXT NOT NULL CHECK (source IN ({sources})),
-            parent_id INTEGER REFERENCES images(id) ON DELETE SET NULL,
-            generation_id INTEGER REFERENCES generations(id) ON DELETE SET NULL,
-            model_id TEXT, params TEXT NOT NULL DEFAULT '{{}}', original_name TEXT,
-            created_at TEXT NOT NULL)""",
-        f"""CREATE TABLE masks (
-            id INTEGER PRIMARY KEY,
-            image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
-            sha256 TEXT NOT NULL, path TEXT NOT NULL,
-            author TEXT NOT NULL CHECK (author IN ({authors})),
-            class_name TEXT, caption TEXT, bbox TEXT, version INTEGER NOT NULL DEFAULT 1,
-            created_at TEXT NOT NULL)""",
-        f"""CREATE TABLE jobs (
-            id INTEGER PRIMARY KEY, kind TEXT NOT NULL,
-            status TEXT NOT NULL DEFAULT 'queued' CHECK (status IN ({statuses})),
-            params TEXT NOT NULL DEFAULT '{{}}', log_path TEXT, pid INTEGER,
-            created_at TEXT NOT NULL, started_at TEXT, finished_at TEXT, error TEXT)""",
-        "CREATE INDEX idx_images_session_id ON images(session_id)",
-        "CREATE INDEX idx_images_sha256 ON images(sha256)",
-        "CREATE INDEX idx_images_parent_id ON images(parent_id)",
-        "CREATE INDEX idx_images_generation_id ON images(generation_id)",
-        "CREATE INDEX idx_generations_session_id ON generations(session_id)",
-        "CREATE INDEX idx_masks_image_id ON masks(image_id)",
-        "CREATE INDEX idx_masks_sha256 ON masks(sha256)",
-        "CREATE INDEX idx_jobs_status ON jobs(status)",
-    ]:
-        db.execute(sql)
-
-
-def _m2_detection(db: sqlite_utils.Database) -> None:
-    """Detector runs, stored heatmaps, draft masks and raw (non-binary) label maps."""
-    for sql in [
-        """CREATE TABLE detector_runs (
-            id INTEGER PRIMARY KEY, detector_id TEXT NOT NULL, family TEXT NOT NULL,
-            is_demo INTEGER NOT NULL DEFAULT 0, params TEXT NOT NULL DEFAULT '{}', created_at TEXT NOT NULL)""",
-        """CREATE TABLE heatmaps (
-            id INTEGER PRIMARY KEY,
-            image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
-            run_id INTEGER NOT NULL REFERENCES detector_runs(id) ON DELETE CASCADE,
-            sha256 TEXT NOT NULL, path TEXT NOT NULL, created_at TEXT NOT NULL)""",
-        "CREATE INDEX idx_heatmaps_image_id ON heatmaps(image_id)",
-        "CREATE INDEX idx_heatmaps_sha256 ON heatmaps(sha256)",
-        "ALTER TABLE masks ADD COLUMN status TEXT NOT NULL DEFAULT 'final' CHECK (status IN ('draft', 'final'))",
-        "ALTER TABLE masks ADD COLUMN raw_sha256 TEXT",
-        "ALTER TABLE masks ADD COLUMN raw_path TEXT",
-        "ALTER TABLE masks ADD COLUMN params TEXT NOT NULL DEFAULT '{}'",
-    ]:
-        db.execute(sql)
-
-
-def _m3_labels(db: sqlite_utils.Database) -> None:
-    """Label states (the regions of an image after each edit, for persistent undo/redo), the head
-    state per image, and per-session taxonomies."""
-    for sql in [
-        """CREATE TABLE label_states (
-            id INTEGER PRIMARY KEY,
-            image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
-            seq INTEGER NOT NULL, regions TEXT NOT NULL, action TEXT NOT NULL, created_at TEXT NOT NULL,
-            UNIQUE (image_id, seq))""",
-        """CREATE TABLE label_heads (
-            image_id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE, seq INTEGER NOT NULL)""",
-        """CREATE TABLE taxonomies (
-            session_id INTEGER PRIMARY KEY REFERENCES sessions(id) ON DELETE CASCADE,
-            classes TEXT NOT NULL, updated_at TEXT NOT NULL)""",
-    ]:
-        db.execute(sql)
-
-
-def _m4_jobs(db: sqlite_utils.Database) -> None:
-    """Jobs know their session, output folder and result; metrics rows per job."""
-    for sql in [
-        "ALTER TABLE jobs ADD COLUMN session_id INTEGER REFERENCES sessions(id) ON DELETE SET NULL",
-        "ALTER TABLE jobs ADD COLUMN out_dir TEXT",
-        "ALTER TABLE jobs ADD COLUMN result TEXT NOT NULL DEFAULT '{}'",
-        """CREATE TABLE job_metrics (
-            id INTEGER PRIMARY KEY,
-            job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
-            step INTEGER NOT NULL, loss REAL, miou REAL, lr REAL, row TEXT NOT NULL DEFAULT '{}',
-            created_at TEXT NOT NULL)""",
-        "CREATE INDEX idx_job_metrics_job_id ON job_metrics(job_id)",
-    ]:
-        db.execute(sql)
-
-
-def _m5_captions(db: sqlite_utils.Database) -> None:
-    """Images carry a caption (used to invert and resample them); generated images get their prompt."""
-    db.execute("ALTER TABLE images ADD COLUMN caption TEXT")
-    db.execute("UPDATE images SET caption = (SELECT prompt FROM generations WHERE generations.id = images.generation_id) "
-               "WHERE generation_id IS NOT NULL")
-
-
-def _m6_session_ids(db: sqlite_utils.Database) -> None:
-    """Session ids are never reused. SQLite gives a new row MAX(id) + 1, so deleting the newest session
-    would hand its id to the next one (a script holding the old id would write into the wrong session).
-    `id_high_water` keeps the highest id ever given, kept up by a trigger on every insert; new sessions
-    take the next id after it (Store.create_session)."""
-    for sql in [
-        "CREATE TABLE id_high_water (name TEXT PRIMARY KEY, last_id INTEGER NOT NULL)",
-        "INSERT INTO id_high_water (name, last_id) VALUES ('sessions', COALESCE((SELECT MAX(id) FROM sessions), 0))",
-        """CREATE TRIGGER sessions_high_water AFTER INSERT ON sessions BEGIN
-            UPDATE id_high_water SET last_id = MAX(last_id, NEW.id) WHERE name = 'sessions'; END""",
-    ]:
-        db.execute(sql)
-
-
-# The default taxonomy before _m7_taxonomy (assets/taxonomy_studio_v1.json), frozen here as that migration saw it.
-_STUDIO_V1_CLASSES = [
-    ("distortion", "A body part, face, animal or object is deformed: wrong shape, melted, twisted or warped."),
-    ("omission", "Something that should be there is missing: fingers, limbs, an eye, part of an object."),
-    ("duplication", "A part or object is repeated where it should appear once: extra fingers, limbs, heads or copies."),
-    ("fusion", "Two separate things are merged into one: fingers fused, a person blended into furniture."),
-    ("illegible-text", "Letters, numbers or symbols are garbled, misspelled or meaningless."),
-    ("proportion", "Relative sizes are wrong: a tiny hand, an oversized head, a giant cup."),
-    ("structure", "Impossible geometry or perspective: lines that do not meet, impossible architecture, floating parts."),
-    ("texture", "Unnatural texture: smeared, plastic, repetitive or patchy surface detail."),
-    ("blur", "A local region is blurred or lacks detail compared with its surroundings."),
-    ("noise", "Noise, grain, blotches or checkerboard patterns that do not belong to the scene."),
-    ("color", "Unnatural colour: colour bleeding, wrong skin tone, oversaturated or banded patches."),
-    ("lighting", "Light is inconsistent: highlights or shading from a direction that contradicts the scene."),
-    ("shadow-reflection", "A shadow or reflection is missing, misplaced or does not match its object."),
-]
-
-
-def _m7_taxonomy(db: sqlite_utils.Database) -> None:
-    """The default taxonomy became SynArtifact's: every existing session that used the implicit old default
-    gets an explicit copy of it, so its classes do not change. Mask authors gain "classifier-assisted"
-    (the masks table is rebuilt with the wider CHECK, columns, rows, ids and indexes kept)."""
-    classes = json.dumps([{"name": n, "definition": d} for n, d in _STUDIO_V1_CLASSES])
-    db.execute("INSERT INTO taxonomies (session_id, classes, updated_at) SELECT id, ?, ? FROM sessions "
-               "WHERE id NOT IN (SELECT session_id FROM taxonomies)", (classes, _now()))
-    (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'masks'").fetchone()
-    authors = ", ".join(f"'{a}'" for a in MASK_AUTHORS)
-    wider = re.sub(r"CHECK \(author IN \([^)]*\)\)", f"CHECK (author IN ({authors}))", sql)
-    if wider == sql:
-        return
-    indexes = [r[0] for r in db.execute("SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'masks' "
-                                        "AND sql IS NOT NULL").fetchall()]
-    db.execute(re.sub(r"^CREATE TABLE \"?masks\"?", "CREATE TABLE masks_m7", wider, count=1))
-    db.execute("INSERT INTO masks_m7 SELECT * FROM masks")
-    db.execute("DROP TABLE masks")
-    db.execute("ALTER TABLE masks_m7 RENAME TO masks")
-    for index in indexes:
-        db.execute(index)
-
-
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial, _m2_detection, _m3_labels, _m4_jobs,
-                                                             _m5_captions, _m6_session_ids, _m7_taxonomy]
 _FILE_REFERENCES = ("SELECT 1 FROM images WHERE sha256 = :sha UNION ALL SELECT 1 FROM masks WHERE sha256 = :sha "
                     "UNION ALL SELECT 1 FROM masks WHERE raw_sha256 = :sha "
                     "UNION ALL SELECT 1 FROM heatmaps WHERE sha256 = :sha LIMIT 1")
 
 
 # ---------------------------------------------------------------- helpers
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
-
-
 def _to_json(value: Any, what: str) -> str:
     if not isinstance(value, dict):
         raise ValueError(f"{what} must be a dict, got {type(value).__name__}.")
@@ -631,7 +292,7 @@ class Store:
                 if version > self.schema_version():
                     migration(self.db)
                     self.db.table("migrations").insert(
-                        {"version": version, "name": migration.__name__, "applied_at": _now()})
+                        {"version": version, "name": migration.__name__, "applied_at": utc_now()})
 
     def schema_version(self) -> int:
         with self._lock:
@@ -669,12 +330,12 @@ class Store:
         return [SessionInfo(**row) for row in self.db.query(sql, params)]
 
     def _touch(self, session_id: int) -> None:
-        self.db.execute("UPDATE sessions SET updated_at = ? WHERE id = ?", (_now(), session_id))
+        self.db.execute("UPDATE sessions SET updated_at = ? WHERE id = ?", (utc_now(), session_id))
 
     def create_session(self, name: str) -> SessionInfo:
         with self._tx():
             name = self._clean_name(name)
-            now = _now()
+            now = utc_now()
             session_id = self._next_session_id()
             self.db.table("sessions").insert({"id": session_id, "name": name, "created_at": now, "updated_at": now})
         return self.get_session(int(session_id))
@@ -696,7 +357,7 @@ class Store:
         then select, inside one write transaction), so two processes creating it at once share it."""
         with self._tx():
             name = self._clean_name(name, unique=False)
-            now = _now()
+            now = utc_now()
             self.db.execute("INSERT OR IGNORE INTO sessions (name, created_at, updated_at) VALUES (?, ?, ?)",
                             (name, now, now))
             session_id = self._conn.execute("SELECT id FROM sessions WHERE name = ?", (name,)).fetchone()[0]
@@ -711,7 +372,7 @@ class Store:
         with self._tx():
             sid = self._session_id(session_id)
             name = self._clean_name(new_name, ignore_id=sid)
-            self.db.execute("UPDATE sessions SET name = ?, updated_at = ? WHERE id = ?", (name, _now(), sid))
+            self.db.execute("UPDATE sessions SET name = ?, updated_at = ? WHERE id = ?", (name, utc_now(), sid))
         return self.get_session(sid)
 
     def delete_session(self, session_id: int | str) -> None:
@@ -796,7 +457,7 @@ class Store:
         if row.get("seed") is not None and not 0 <= row["seed"] < 2**63:
             raise ValueError(f"generation['seed'] must be in [0, 2**63), got {row['seed']}.")
         row.update(session_id=session_id, params=_to_json(row.get("params", {}), "generation['params']"),
-                   created_at=_now())
+                   created_at=utc_now())
         return int(self.db.table("generations").insert(row).last_pk)
 
     def add_images(self, session_id: int | str, items: list[NewImage],
@@ -843,7 +504,7 @@ class Store:
                     row = {"session_id": sid, "sha256": sha, "path": self._put_file(data, sha, created),
                            "width": w, "height": h, "source": item.source, "parent_id": item.parent_id,
                            "generation_id": gen_id, "model_id": item.model_id, "params": params,
-                           "original_name": item.original_name, "created_at": _now()}
+                           "original_name": item.original_name, "created_at": utc_now()}
                     if captions:
                         row["caption"] = caption
                     ids.append(self._insert_image_row(row))
@@ -955,7 +616,7 @@ class Store:
             "image_id": image.id, "sha256": sha, "path": self._put_file(data, sha, created),
             "author": new.author, "class_name": new.class_name, "caption": new.caption,
             "bbox": None if bbox is None else json.dumps(bbox), "version": version,
-            "created_at": _now(), "status": new.status, "raw_sha256": raw_sha,
+            "created_at": utc_now(), "status": new.status, "raw_sha256": raw_sha,
             "raw_path": None if raw_data is None else self._put_file(raw_data, raw_sha, created),
             "params": params_json}).last_pk)
 
@@ -999,7 +660,7 @@ class Store:
             with self._tx():
                 run_id = int(self.db.table("detector_runs").insert({
                     "detector_id": detector_id, "family": family, "is_demo": int(bool(is_demo)),
-                    "params": params_json, "created_at": _now()}).last_pk)
+                    "params": params_json, "created_at": utc_now()}).last_pk)
                 ids = []
                 for image_id, shape, data, sha in encoded:
                     image = self.get_image(image_id)
@@ -1008,7 +669,7 @@ class Store:
                                          f"shape {(image.height, image.width)}.")
                     ids.append(int(self.db.table("heatmaps").insert({
                         "image_id": image_id, "run_id": run_id, "sha256": sha,
-                        "path": self._put_file(data, sha, created), "created_at": _now()}).last_pk))
+                        "path": self._put_file(data, sha, created), "created_at": utc_now()}).last_pk))
         except BaseException:
             self._remove_created(created)
             raise
@@ -1067,7 +728,7 @@ class Store:
         head = self._head(image_id)
         self.db.execute("DELETE FROM label_states WHERE image_id = ? AND seq > ?", (image_id, head))
         self.db.table("label_states").insert({
-            "image_id": image_id, "seq": head + 1, "action": action, "created_at": _now(),
+            "image_id": image_id, "seq": head + 1, "action": action, "created_at": utc_now(),
             "regions": json.dumps([r.to_json() for r in regions], sort_keys=True)})
         self.db.execute("INSERT INTO label_heads (image_id, seq) VALUES (?, ?) "
                         "ON CONFLICT(image_id) DO UPDATE SET seq = excluded.seq", (image_id, head + 1))
@@ -1226,7 +887,7 @@ class Store:
             sid = self._session_id(session_id)
             self.db.execute("INSERT INTO taxonomies (session_id, classes, updated_at) VALUES (?, ?, ?) "
                             "ON CONFLICT(session_id) DO UPDATE SET classes = excluded.classes, "
-                            "updated_at = excluded.updated_at", (sid, json.dumps(clean), _now()))
+                            "updated_at = excluded.updated_at", (sid, json.dumps(clean), utc_now()))
 
     # ------------------------------------------------------------ jobs
     def create_job(self, kind: str, params: dict, session_id: int | None = None) -> JobRecord:
@@ -1237,7 +898,7 @@ class Store:
                 session_id = self._session_id(session_id)
             job_id = int(self.db.table("jobs").insert({
                 "kind": kind, "status": "queued", "params": params_json, "session_id": session_id,
-                "created_at": _now()}).last_pk)
+                "created_at": utc_now()}).last_pk)
         return self.get_job(job_id)
 
 
@@ -1286,7 +947,7 @@ class Store:
                                 (int(job_id), int(row["step"])))
             self.db.table("job_metrics").insert({
                 "job_id": int(job_id), "step": int(row.get("step", 0)), "loss": row.get("loss"),
-                "miou": row.get("miou"), "lr": row.get("lr"), "row": row_json, "created_at": _now()})
+                "miou": row.get("miou"), "lr": row.get("lr"), "row": row_json, "created_at": utc_now()})
 
     def job_metrics(self, job_id: int) -> list[dict]:
         with self._lock:

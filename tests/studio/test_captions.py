@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import studio.store as store_module
+import studio.store_schema as store_schema
 from studio.captions import caption_for, match_captions, read_captions
 from studio.store import MIGRATIONS, NewImage, Store, StoreError
 
@@ -24,7 +25,7 @@ def store(tmp_path):
 # ------------------------------------------------------------------ the store
 def test_the_captions_migration_is_recorded_and_adds_the_column(store):
     names = [r["name"] for r in store.db.query("SELECT name FROM migrations ORDER BY version")]
-    assert "_m5_captions" in names and store_module._m5_captions in MIGRATIONS
+    assert "_m5_captions" in names and store_schema._m5_captions in MIGRATIONS
     assert "caption" in {c.name for c in store.db.table("images").columns}
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import studio.store as store_module
+import studio.store_schema as store_schema
 from studio.store import LabelState, NewImage, NewMask, Store, StoreError
 
 H, W = 12, 16
@@ -341,7 +342,7 @@ def test_a_v2_database_is_migrated_to_v3(tmp_path, monkeypatch):
             _, (hid,) = old.add_detector_run("demo", "upernet", True,
                                              heatmaps=[(img.id, np.full((H, W), 0.25, np.float32))])
     latest = len(store_module.MIGRATIONS)  # 3, or more once later migrations exist
-    assert store_module.MIGRATIONS[2] is store_module._m3_labels
+    assert store_module.MIGRATIONS[2] is store_schema._m3_labels
     with Store(data) as new:
         assert new.schema_version() == latest >= 3
         names = [r["name"] for r in new.db.query("SELECT name FROM migrations ORDER BY version")]

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import studio.store as store_module
+import studio.store_schema as store_schema
 from studio.store import NewImage, NewMask, Store, StoreError
 
 TABLES = ("sessions", "images", "masks", "detector_runs", "heatmaps")
@@ -233,7 +234,7 @@ def test_delete_session_removes_unshared_heatmap_and_raw_files(store):
 def test_a_v1_database_is_migrated_to_v2(tmp_path, monkeypatch):
     data = tmp_path / "old"
     with monkeypatch.context() as m:
-        m.setattr(store_module, "MIGRATIONS", [store_module._m1_initial])
+        m.setattr(store_module, "MIGRATIONS", [store_schema._m1_initial])
         with Store(data) as old:
             assert old.schema_version() == 1
             session = old.create_session("legacy")

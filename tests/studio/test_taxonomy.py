@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 import studio.store as store_module
+import studio.store_schema as store_schema
 from studio.services import ASSETS_DIR, default_taxonomy
 from studio.store import NewImage, Store
 
@@ -25,7 +26,7 @@ def test_the_default_is_synartifacts_13_classes_in_four_groups():
     assert [c["group"] for c in classes][-3:] == ["lighting-related"] * 3  # rarest last
     assert all(c["definition"].endswith(".") for c in classes)
     old = json.loads((ASSETS_DIR / "taxonomy_studio_v1.json").read_text())["classes"]
-    assert [(c["name"], c["definition"]) for c in old] == list(store_module._STUDIO_V1_CLASSES)
+    assert [(c["name"], c["definition"]) for c in old] == list(store_schema._STUDIO_V1_CLASSES)
 
 
 def test_m7_keeps_existing_sessions_classes_and_widens_mask_authors(tmp_path: Path, monkeypatch):
@@ -42,7 +43,7 @@ def test_m7_keeps_existing_sessions_classes_and_widens_mask_authors(tmp_path: Pa
     with Store(data) as new:
         names = [r["name"] for r in new.db.query("SELECT name FROM migrations ORDER BY version")]
         assert "_m7_taxonomy" in names
-        old_default = [{"name": n, "definition": d} for n, d in store_module._STUDIO_V1_CLASSES]
+        old_default = [{"name": n, "definition": d} for n, d in store_schema._STUDIO_V1_CLASSES]
         assert new.session_taxonomy(implicit.id, default_taxonomy()) == old_default
         assert new.session_taxonomy(custom.id, default_taxonomy()) == [{"name": "hands", "definition": "extra fingers"}]
         fresh = new.create_session("fresh")
