@@ -1,7 +1,7 @@
 """Artifact Studio composition root: parse options, open the store, build the UI, launch.
 
 `python app.py [serve options]` equals `artifact-studio serve [options]`; every other
-`artifact-studio` command is dispatched to studio.cli.
+`artifact-studio` command is dispatched to studio.cli.main.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from studio import cli
+    from studio.cli import main as cli
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
@@ -62,7 +62,7 @@ def serve(args: argparse.Namespace) -> int:
                          "add --auth USER:PASSWORD or --auth-file FILE.")
     if not (1 <= args.port <= 65535):
         raise ValueError(f"Port {args.port} is out of range; use 1 to 65535.")
-    from studio.exposure import LoginOnly, check_port_free, private_paths, served_folders
+    from studio.web.exposure import LoginOnly, check_port_free, private_paths, served_folders
     from studio.safeio import check_out_dir
 
     export_root = check_out_dir(args.export_root, "--export-root") if getattr(args, "export_root", None) else None
@@ -72,7 +72,7 @@ def serve(args: argparse.Namespace) -> int:
     from engines.models import pick_device
     from studio.doctor import startup_check
     from studio.services import ASSETS_DIR, Services, quiet_libraries, resolve_data_dir
-    from studio.ui import HEAD, build_ui
+    from studio.web.ui import HEAD, build_ui
 
     quiet_libraries()
     device = args.device or pick_device()

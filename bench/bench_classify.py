@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engines import classify as C  # noqa: E402
+from engines.classification import classify as C
 
 
 def one_by_one_vlm(clf: C.ArtifactClassifier, image, boxes, taxonomy) -> np.ndarray:
@@ -47,7 +47,7 @@ def one_by_one_head(clf: C.ArtifactClassifier, image, boxes) -> np.ndarray:
     size, out = clf.spec.input_size, []
     with torch.inference_mode():
         for box in boxes:
-            crop = C._resize(C.crop_with_context(image, box, clf.spec.context), size, size)
+            crop = C.resize_rgb(C.crop_with_context(image, box, clf.spec.context), size, size)
             x = torch.from_numpy(np.array(crop)).permute(2, 0, 1)[None].float() / 127.5 - 1
             out.append(torch.sigmoid(clf.loaded.model(x))[0].numpy())
     return np.array(out)

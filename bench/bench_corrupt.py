@@ -1,4 +1,4 @@
-"""Region-corruption previews with a warm inversion cache vs a cold one (engines.corrupt).
+"""Region-corruption previews with a warm inversion cache vs a cold one (engines.corruption.corrupt).
 
 (a) time of `RegionCorruptor.preview` (several seeds, one mask) when the image's inversion is
     already cached (warm: another mask on the same image) vs when it is not (cold: a fresh
@@ -7,7 +7,7 @@
     (latents per forward), vs the theoretical counts:
         cold = inversion + (seeds + 1) * k * cfg   (the uncorrupted z_t is resampled once per inversion)
         warm = seeds * k * cfg          (cfg = 2 when guidance_scale > 1, else 1)
-    inversion = sum over the k inverted timesteps t of engines.renoise.unet_rows(t): R + 1 estimates
+    inversion = sum over the k inverted timesteps t of engines.corruption.renoise.unet_rows(t): R + 1 estimates
     (R = min(5, renoise iterations) below t = 250) + 1 for eps(z0) when the step regularises with KL.
 (c) UNet evaluations per inversion for each preset (renoise-sd, the reference's SD configuration,
     vs renoise-fast, no noise regularisation) and the time of one cold inversion each.
@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engines.corrupt import PRESETS, CorruptParams, RegionCorruptor, prepare_image, random_blob_mask  # noqa: E402
+from engines.corruption.corrupt import PRESETS, CorruptParams, RegionCorruptor, prepare_image, random_blob_mask  # noqa: E402
 from engines.models import load_text2image  # noqa: E402
-from engines.renoise import unet_rows  # noqa: E402
+from engines.corruption.renoise import unet_rows  # noqa: E402
 
 
 def test_image(size: int) -> np.ndarray:

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engines.detect import ArtifactDetector, extract_logits, render_overlay  # noqa: E402
-from engines.detectors import load_detector  # noqa: E402
+from engines.detection.detect import ArtifactDetector, extract_logits, render_overlay  # noqa: E402
+from engines.detection.detectors import load_detector  # noqa: E402
 
 
 def reference_loop(detector: ArtifactDetector, images: list[np.ndarray]) -> list[np.ndarray]:

@@ -23,12 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def protocol_cost(config, sources: int) -> dict:
     """Training steps (at the config's batch size) and UNet evaluations of the corruption, per the plan."""
-    from studio.experiment import plan
+    from studio.experiments.plan import plan
 
     units = plan(config)
     detector_steps = sum(u.params["steps"] for u in units if u.kind == "detector")
     selector_steps = sum(u.params["steps"] for u in units if u.kind == "selector")
-    # ReNoise (engines/renoise.py, N=50: every inverted step is "early"): the DDIM estimate and one renoise
+    # ReNoise (engines/corruption/renoise.py, N=50: every inverted step is "early"): the DDIM estimate and one renoise
     # estimate per step, plus the KL reference eps(z0) when the noise regularisation is on (renoise-sd)
     per_step = 3 if config.get("corruption.preset") == "renoise-sd" else 2
     inversions = {}  # inverted steps k -> k; methods inverting the same k share one cached inversion
@@ -51,7 +51,7 @@ def measure_step(arch: str, batch: int, crop: int, steps: int, device: str) -> f
     import numpy as np
     import torch
 
-    from engines.train_detector import TrainConfig, build_model, make_optimizer, to_tensors, train_step
+    from engines.training.detector import TrainConfig, build_model, make_optimizer, to_tensors, train_step
 
     config = TrainConfig(arch=arch, steps=10, batch_size=batch, crop=crop)
     model, spec = build_model(config)
@@ -78,7 +78,7 @@ def _hours(seconds: float) -> str:
 
 
 def main() -> int:
-    from studio.experiment_config import load_config
+    from studio.experiments.config import load_config
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "assets/experiments/paper.toml"))

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engines.generate import GenerateParams, TextToImage, to_uint8  # noqa: E402
+from engines.generation.generate import GenerateParams, TextToImage, to_uint8  # noqa: E402
 from engines.models import load_text2image, pick_device  # noqa: E402
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engines.segment import SamMasker  # noqa: E402
+from engines.segmentation.segment import SamMasker  # noqa: E402
 
 
 def make_image(seed: int, height: int = 768, width: int = 1024) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 Two ratios, each measured interleaved in one run (ours / bare, lower is better; goal <= 1.05):
 
-1. step: `engines.train_detector.train_step` (with our AdamW param groups, lr set per step, the per-step
+1. step: `engines.training.detector.train_step` (with our AdamW param groups, lr set per step, the per-step
    RNG fork and loss.item() as the trainer does) vs a bare loop (`torch.optim.AdamW(model.parameters())`,
    forward, `F.cross_entropy(weight, ignore_index=255)`, zero_grad, backward, step, loss.item()) on the
    SAME batch tensors and the same starting weights. The bare loop runs twice: with AdamW's defaults
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engines.train_detector import (IGNORE, BalancedSampler, TrainConfig, TrainSample, _step_rng,  # noqa: E402
+from engines.training.detector import (IGNORE, BalancedSampler, TrainConfig, TrainSample, _step_rng,  # noqa: E402
                                     _step_seed, build_model, lr_at, make_optimizer, to_tensors, train_detector,
                                     train_step)
 

@@ -5,7 +5,7 @@
 files. Each mode runs in its own fresh process and reports its peak resident set size (ru_maxrss of the
 process, plus its DataLoader workers when there are any):
 
-- stream: `engines.train_detector.FileSample`s (what the studio passes): images are read per batch.
+- stream: `engines.training.detector.FileSample`s (what the studio passes): images are read per batch.
 - memory: the same images loaded as `TrainSample` arrays first (how the studio trained before):
   2,000 x 512 x 512 x 3 bytes = 1.5 GiB of pixels plus the masks.
 - imports: only importing torch, transformers and the trainer (the floor every mode starts from).
@@ -53,7 +53,7 @@ def make_set(folder: Path, n: int, size: int) -> None:
 def run_mode(mode: str, folder: Path, n: int, steps: int, workers: int) -> dict:
     import torch
 
-    from engines.train_detector import FileSample, TrainConfig, TrainSample, train_detector
+    from engines.training.detector import FileSample, TrainConfig, TrainSample, train_detector
 
     torch.set_num_threads(1)
     if mode == "imports":

@@ -1,5 +1,5 @@
 """Learning-rate sweep for a from-scratch detector: which lr learns? (the measurement behind
-`engines.train_recipes.SCRATCH_LR`).
+`engines.training.recipes.SCRATCH_LR`).
 
 The task (as in the measurement that found the problem): 24 training images, 96-127 px, blocky random
 texture with one obvious solid square (side 16-40 px, a random bright colour) labelled as the artifact;
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engines.train_detector import TrainSample, train_detector  # noqa: E402
-from engines.train_recipes import resolve_recipe  # noqa: E402
+from engines.training.detector import TrainSample, train_detector  # noqa: E402
+from engines.training.recipes import resolve_recipe  # noqa: E402
 
 
 def square_sample(seed: int, name: str) -> TrainSample:

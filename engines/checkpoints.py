@@ -1,7 +1,7 @@
 """Reading PyTorch checkpoint files safely: safetensors, or `torch.load(weights_only=True)`.
 
 A pickle that would need to run code to load is refused with one sentence. Used by every loader of
-user-supplied weights (engines.detectors, engines.segment).
+user-supplied weights (engines.detection.detectors, engines.segmentation.segment).
 """
 from __future__ import annotations
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-from engines.classify import load_classifier_model
-from engines.detectors import load_detector
+from engines.classification.classify import load_classifier_model
+from engines.detection.detectors import load_detector
 from engines.models import LoadedModel, load_text2image
-from engines.segment import load_segmenter_model
+from engines.segmentation.segment import load_segmenter_model
 
 LOADERS: dict[str, Callable[..., LoadedModel]] = {
     "text2image": load_text2image,

@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from studio.store import TEMP_PREFIX, Store
+from studio.store.store import TEMP_PREFIX, Store
 
 _CONTENT_NAME = re.compile(r"[0-9a-f]{64}\.png")
 STAGING_AGE_S = 3600
@@ -156,14 +156,14 @@ def _referenced(store: Store) -> dict[str, tuple[str, str]]:
 
 
 def _interrupted_jobs(store: Store, fix: bool) -> list[Finding]:
-    from studio.jobs import JobManager, _alive
+    from studio.jobs import JobManager, process_alive
 
     if fix:
         return [Finding("interrupted", f"Job {job_id} was running but its process is gone; it is now marked "
                                        "interrupted (resume it from the Train tab or with --resume).", True)
                 for job_id in JobManager(store).recover()]
     return [Finding("interrupted", f"Job {job.id} is marked running but its process is gone.")
-            for job in store.list_jobs("running") if job.pid is None or not _alive(job.pid, job.id)]
+            for job in store.list_jobs("running") if job.pid is None or not process_alive(job.pid, job.id)]
 
 
 def _staging_leftovers(exports_dir: Path, fix: bool) -> list[Finding]:

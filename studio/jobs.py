@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from studio.store import JobRecord, Store
+from studio.store.store import JobRecord, Store
 
 JOB_KINDS = ("detector", "region-selector", "lora", "experiment", "classifier", "lora-feedback")
 ONE_PROCESS_KINDS = ("lora", "classifier", "lora-feedback")
@@ -136,7 +136,7 @@ class JobManager:
         """Mark running jobs whose process is gone as interrupted; returns their ids."""
         lost = []
         for job in self.store.list_jobs("running"):
-            if job.pid is None or not _alive(job.pid, job.id):
+            if job.pid is None or not process_alive(job.pid, job.id):
                 fresh = self.store.get_job(job.id)  # the worker may have just finished
                 if fresh.status == "running":
                     self.store.update_job(job.id, status="interrupted", finished_at=_now(),
@@ -161,7 +161,7 @@ class JobManager:
         return "\n".join(data.splitlines()[-lines:])
 
 
-def _alive(pid: int, job_id: int) -> bool:
+def process_alive(pid: int, job_id: int) -> bool:
     """True if `pid` runs and is this job's worker (guards against pid reuse on Linux)."""
     try:
         os.kill(pid, 0)
@@ -318,9 +318,9 @@ def _finite(value):
 
 
 def _detector_call(services, job: JobRecord, out: Path, should_stop, log, world: int):
-    from engines.train_detector import TrainConfig, train_detector
-    from engines.train_recipes import describe
-    from studio.training_data import detector_samples
+    from engines.training.detector import TrainConfig, train_detector
+    from engines.training.recipes import describe
+    from studio.datasets.training_data import detector_samples
 
     params = dict(job.params)
     config = TrainConfig(**params.get("config", {}))
@@ -361,7 +361,7 @@ def _accelerator(device: str):
 
 
 def _lora_call(services, job: JobRecord, out: Path, should_stop, log):
-    from engines.tune import TuneConfig, tune_lora
+    from engines.training.tune import TuneConfig, tune_lora
 
     params = dict(job.params)
     config = TuneConfig(**{k: tuple(v) if k == "eval_seeds" else v for k, v in params.get("config", {}).items()})
@@ -378,17 +378,17 @@ def _lora_call(services, job: JobRecord, out: Path, should_stop, log):
 
 
 def _run_experiment_step(services, job: JobRecord, out: Path, should_stop, log) -> dict:
-    from studio.experiment_steps import run_step_job
+    from studio.experiments.steps import run_step_job
 
     return run_step_job(services, job, out, should_stop, log)
 
 
 def _run_classifier(services, job: JobRecord, out: Path, should_stop, log) -> dict:
-    """Fine-tune a classifier on the session's labelled regions (see engines.train_classifier)."""
-    from engines.classify import ArtifactClassifier, load_classifier
-    from engines.train_classifier import ClassifierTrainConfig, evaluate, train_head, train_vlm
-    from studio.classifier_data import classifier_samples
-    from studio.splits import DEFAULT_TEST_FRACTION
+    """Fine-tune a classifier on the session's labelled regions (see engines.training.classifier)."""
+    from engines.classification.classify import ArtifactClassifier, load_classifier
+    from engines.training.classifier import ClassifierTrainConfig, evaluate, train_head, train_vlm
+    from studio.datasets.classifier_data import classifier_samples
+    from studio.datasets.splits import DEFAULT_TEST_FRACTION
 
     params = dict(job.params)
     if job.session_id is None:
@@ -433,9 +433,9 @@ def _free_device_memory() -> None:
 
 
 def _run_lora_feedback(services, job: JobRecord, out: Path, should_stop, log) -> dict:
-    """Tune a LoRA with a classifier's artifact probability as the reward (engines.tune_feedback)."""
-    from engines.classify import ArtifactClassifier, load_classifier
-    from engines.tune_feedback import FeedbackConfig, tune_feedback
+    """Tune a LoRA with a classifier's artifact probability as the reward (engines.training.feedback)."""
+    from engines.classification.classify import ArtifactClassifier, load_classifier
+    from engines.training.feedback import FeedbackConfig, tune_feedback
 
     params = dict(job.params)
     config = FeedbackConfig(**params.get("config", {}))

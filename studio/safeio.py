@@ -11,8 +11,8 @@
 
 Limits checked before work (each documented in README "Limits"): `MAX_BATCH_PIXELS` and
 `MAX_BATCH_IMAGES` for one import, `MAX_SEEDS` for one corrupt/repair command; engine limits live
-beside their engines (engines.images.MAX_PIXELS, engines.detect.MAX_WINDOWS,
-engines.generate.MAX_PROMPT_CHARS).
+beside their engines (engines.images.MAX_PIXELS, engines.detection.detect.MAX_WINDOWS,
+engines.generation.generate.MAX_PROMPT_CHARS).
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from engines.models import DEMO, demo_note
-from studio.store import NewImage, Store
+from studio.store.store import NewImage, Store
 from studio.tasks import TaskRegistry, Timings
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -109,7 +109,7 @@ class Services:
 
     def demo_header(self) -> str:
         """Markdown for the UI header: what the demo models are, what they were trained on, how to use real ones."""
-        from engines.detectors import DEMO_DETECTOR_ASSETS, DETECTOR_WEIGHTS
+        from engines.detection.detectors import DEMO_DETECTOR_ASSETS, DETECTOR_WEIGHTS
 
         lines = []
         if self.uses_demo_model:
@@ -131,7 +131,7 @@ class Services:
 
     def text2image(self):
         """The TextToImage engine for the configured model (loaded once; raises ModelNotFoundError)."""
-        from engines.generate import TextToImage
+        from engines.generation.generate import TextToImage
         from engines.models import load_text2image
 
         with self._lock:
@@ -144,13 +144,13 @@ class Services:
     def new_masker(self):
         """A SAM-shaped masker for one browser (its own current image; embeddings cached on disk) over
         the one segmenter model this process holds."""
-        from engines.segment import SamMasker
+        from engines.segmentation.segment import SamMasker
 
         return SamMasker(self.segmenter_backend(), cache_dir=self.data_dir / "cache" / "segment")
 
     def segmenter_backend(self):
-        """The segmenter model (an engines.segment backend), loaded once; a masker over another one is stale."""
-        from engines.segment import load_segmenter
+        """The segmenter model (an engines.segmentation.segment backend), loaded once; a masker over another one is stale."""
+        from engines.segmentation.segment import load_segmenter
 
         with self._lock:
             if self._segmenter is None:
@@ -165,7 +165,7 @@ class Services:
         loading fails. Waits for a running generation (gpu_lock). Returns one sentence."""
         import gc
 
-        from engines.generate import TextToImage
+        from engines.generation.generate import TextToImage
         from engines.models import first_line, load_text2image
 
         spec = (spec or DEMO).strip()
@@ -193,7 +193,7 @@ class Services:
     def switch_segmenter(self, spec: str) -> str:
         """Load `spec` as the Label tab's segmenter (pages pick it up at their next image); a failure keeps the old one."""
         from engines.models import first_line
-        from engines.segment import load_segmenter
+        from engines.segmentation.segment import load_segmenter
 
         spec = (spec or "superpixel").strip()
         try:
@@ -260,8 +260,8 @@ class Services:
 
     def detector(self, spec: str | None = None):
         """An ArtifactDetector for `spec` ("demo" when empty), loaded once and kept (at most 2)."""
-        from engines.detect import ArtifactDetector
-        from engines.detectors import load_detector
+        from engines.detection.detect import ArtifactDetector
+        from engines.detection.detectors import load_detector
 
         key = (spec or DEMO).strip()
         with self._lock:
@@ -274,7 +274,7 @@ class Services:
     def classifier(self, spec: str | None = None, taxonomy: list[dict] | None = None):
         """An ArtifactClassifier for `spec` ("demo" when empty), loaded once and kept (at most 2). `taxonomy`
         is what a VLM is asked about by default (per call, `classify(..., taxonomy=...)` overrides it)."""
-        from engines.classify import ArtifactClassifier, load_classifier
+        from engines.classification.classify import ArtifactClassifier, load_classifier
 
         key = (spec or DEMO).strip()
         with self._lock:
@@ -331,7 +331,7 @@ class Services:
     def use_lora(self, lora_dir: str | None) -> None:
         """Switch the text-to-image model's LoRA on (a folder) or off (None); reloads only on change.
         Call under `gpu_lock` when a generation may be running."""
-        from engines.tune import apply_lora
+        from engines.training.tune import apply_lora
 
         lora_dir = (lora_dir or "").strip() or None
         engine = self.text2image()
@@ -342,8 +342,8 @@ class Services:
 
     def repair(self, image: np.ndarray, detector_spec: str, params, *, mask: np.ndarray | None = None,
                progress=None, should_stop=None):
-        """engines.repair.repair with this studio's detector and text-to-image (or inpainting) model."""
-        from engines.repair import repair
+        """engines.generation.repair.repair with this studio's detector and text-to-image (or inpainting) model."""
+        from engines.generation.repair import repair
 
         return repair(image, self.detector(detector_spec), self.text2image().loaded, params, mask=mask,
                       progress=progress, should_stop=should_stop)
@@ -354,7 +354,7 @@ class Services:
         """The same prompt x seed set generated with the base model and with a LoRA, each scored by the
         detector: rows {prompt, seed, base, tuned, base_heatmap, tuned_heatmap, base_area, tuned_area}.
         `should_stop()` true -> Cancelled before the next image (the LoRA is taken off either way)."""
-        from engines.generate import GenerateParams
+        from engines.generation.generate import GenerateParams
         from engines.progress import Cancelled
 
         if not prompts or not seeds:
@@ -387,7 +387,7 @@ class Services:
 
     def corruptor(self):
         """The RegionCorruptor over the configured text-to-image model (inversions cached on disk)."""
-        from engines.corrupt import RegionCorruptor
+        from engines.corruption.corrupt import RegionCorruptor
 
         engine = self.text2image()
         with self._lock:
@@ -398,7 +398,7 @@ class Services:
     def corruption_mask(self, image_id: int, source: str, *, detector: str | None = None, threshold: float = 0.5,
                         seed: int = 0) -> np.ndarray:
         """A region to corrupt, bool[H, W] at the image's size, from one of MASK_SOURCES."""
-        from engines.corrupt import random_blob_mask
+        from engines.corruption.corrupt import random_blob_mask
 
         store = self.store
         image = store.get_image(image_id)
@@ -503,10 +503,10 @@ def default_taxonomy() -> list[dict]:
 
 def fit_pair(rgb: np.ndarray, mask: np.ndarray, max_side: int | None, multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Resize (image Lanczos, mask nearest) so the longer side is at most `max_side`, then centre-crop
-    both to multiples of `multiple` — the same geometry as engines.corrupt.prepare_image."""
+    both to multiples of `multiple` — the same geometry as engines.corruption.corrupt.prepare_image."""
     from PIL import Image
 
-    from engines.corrupt import prepare_image
+    from engines.corruption.corrupt import prepare_image
 
     if mask.shape != rgb.shape[:2]:
         raise ValueError(f"Mask size {mask.shape[::-1]} does not match image size {rgb.shape[1::-1]}.")

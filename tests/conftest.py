@@ -51,7 +51,7 @@ def text2image(demo_data_dir):
     """A TextToImage engine over the demo pipeline, loaded once on CPU in float32."""
     import torch
 
-    from engines.generate import TextToImage
+    from engines.generation.generate import TextToImage
     from engines.models import load_text2image
 
     torch.set_num_threads(TORCH_THREADS)
@@ -61,7 +61,7 @@ def text2image(demo_data_dir):
 @pytest.fixture(scope="session")
 def trajectory_generation(text2image):
     """(plain, traced): one 2-image, 4-step, 64x64 demo request run without and with record_trajectory."""
-    from engines.generate import GenerateParams
+    from engines.generation.generate import GenerateParams
 
     base = dict(prompt="a cat", seed=5, num_inference_steps=4, width=64, height=64, num_images=2)
     return (text2image.generate(GenerateParams(**base)),
@@ -74,6 +74,6 @@ def untrained_detector_dir(tmp_path_factory) -> Path:
     [0, 1]) as a checkpoint folder. For tests of detection, repair and tuning *mechanics*: it fires on
     arbitrary images, where the trained demo detector (clean for anything but corruptions) would leave
     nothing to act on. What the trained demo detector means is tested in tests/engines/test_demo_models.py."""
-    from engines.detectors import save_untrained_demo_detector
+    from engines.detection.detectors import save_untrained_demo_detector
 
     return save_untrained_demo_detector(tmp_path_factory.mktemp("untrained-detector") / "detector")

@@ -138,7 +138,7 @@ SIMULATED = ("Distorted and Deformated Components", "Omitted Components", "Dupli
 
 
 def make_samples(images, count: int, seed: int, family: str):
-    from engines.train_classifier import ClassifierSample
+    from engines.training.classifier import ClassifierSample
 
     rng = np.random.default_rng(seed)
     out = []
@@ -165,7 +165,7 @@ def make_samples(images, count: int, seed: int, family: str):
 def main() -> None:
     import torch
 
-    from engines.train_classifier import ClassifierTrainConfig, train_head
+    from engines.training.classifier import ClassifierTrainConfig, train_head
 
     torch.set_num_threads(1)  # on a shared 2-core machine one thread is ~10x faster than two
     taxonomy = json.loads((HERE.parent / "taxonomy.json").read_text())["classes"]

@@ -4,7 +4,7 @@
 
 The held-out corrupted views are rebuilt exactly as train_demo_detector.py builds them (same seeds:
 photos the detector never saw, random-blob regions corrupted by the demo model at the paper's
-settings). Each goes through `engines.repair.repair` as the Inspect tab runs it with its defaults:
+settings). Each goes through `engines.generation.repair.repair` as the Inspect tab runs it with its defaults:
 the shipped `demo` detector -> region = heatmap >= 0.5 -> grown 8 px, feathered 4 px -> inpainted by
 the demo text-to-image model (20 steps, strength 0.75, guidance 7.5, the empty prompt: a photo has no
 generation prompt), seeds 0, 1, 2 -> pasted back -> re-scored by the same detector.
@@ -37,9 +37,9 @@ from train_demo_detector import build_dataset, demo_corruptor  # noqa: E402
 
 
 def main(argv=None) -> dict:
-    from engines.detect import ArtifactDetector
-    from engines.detectors import load_detector
-    from engines.repair import RepairParams, repair
+    from engines.detection.detect import ArtifactDetector
+    from engines.detection.detectors import load_detector
+    from engines.generation.repair import RepairParams, repair
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(HERE / "repair_metrics.json"))

@@ -2,7 +2,7 @@
 
     .venv/bin/python assets/demo_detector/measure_demo_tune.py [--out assets/demo_detector/tune_metrics.json]
 
-`engines.tune.tune_lora` (DiffDoctor stage 2: the frozen demo detector's per-pixel artifact map as the
+`engines.training.tune.tune_lora` (DiffDoctor stage 2: the frozen demo detector's per-pixel artifact map as the
 loss, LoRA on the demo UNet's attention) trains on TRAINING prompts and is evaluated on HELD-OUT
 prompts it never saw, before and after, same prompts and seeds (paired), with the engine's own
 evaluation: the demo detector's artifact area (fraction of pixels with score >= 0.5) and mean score.
@@ -66,10 +66,10 @@ def per_prompt(result, detector) -> dict:
 
 
 def main(argv=None) -> dict:
-    from engines.detect import ArtifactDetector
-    from engines.detectors import load_detector
+    from engines.detection.detect import ArtifactDetector
+    from engines.detection.detectors import load_detector
     from engines.models import load_text2image
-    from engines.tune import TuneConfig, tune_lora
+    from engines.training.tune import TuneConfig, tune_lora
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(HERE / "tune_metrics.json"))

@@ -5,8 +5,8 @@
 1. Data, made by the studio itself. Every photo of assets/demo_photos.json is cut into 128 px square
    views: its centred square and random squares of 60-100% of its shorter side, each mirrored or
    rotated by one of the 8 square symmetries. Each view gets random-blob regions
-   (`engines.corrupt.random_blob_mask`) and is corrupted inside them by
-   `engines.corrupt.RegionCorruptor` over the demo text-to-image model with the paper's *direct
+   (`engines.corruption.corrupt.random_blob_mask`) and is corrupted inside them by
+   `engines.corruption.corrupt.RegionCorruptor` over the demo text-to-image model with the paper's *direct
    corruption* (`method="direct"`, its Table 4 baseline: pure N(0, 1) substituted in the image latent
    inside the region, decoded by the VAE without resampling). The corrupted latent cells are the
    label. Negatives (empty label): every view itself and its VAE round trip decode(encode(view)),
@@ -22,7 +22,7 @@
 2. Split by photo: photos marked "train" in demo_photos.json train the detector; the "heldout" photos
    (never seen by the detector) are only evaluated.
 3. Detector: a small UperNet (ConvNeXt backbone 16/32/64/128 channels, depths 1/1/2/1, head 32; input
-   128; 0.43M parameters) trained by `engines.train_detector` (AdamW lr 1e-3, 100 warm-up steps then
+   128; 0.43M parameters) trained by `engines.training.detector` (AdamW lr 1e-3, 100 warm-up steps then
    poly decay, class-balanced sampling, artifact class weight 1, flips, colour jitter 0.1, scale
    0.8-1.25). The LAST checkpoint is shipped: no checkpoint selection on the held-out photos.
    How these settings were chosen, honestly: the corruption method and artifact weight 1 were chosen
@@ -100,7 +100,7 @@ def dihedral(view: np.ndarray, k: int) -> np.ndarray:
 
 def vae_round_trip(corruptor, view: np.ndarray) -> np.ndarray:
     """decode(encode(view).mean): what the direct corruption leaves outside its region."""
-    from engines.generate import to_uint8
+    from engines.generation.generate import to_uint8
 
     vae = corruptor.pipe.vae
     with torch.inference_mode():
@@ -123,7 +123,7 @@ def photo_views(entry: dict, views: int, seed: int) -> list[tuple[str, np.ndarra
 def corrupted_views(corruptor, entry: dict, views: int, masks: int, seed: int, method: str = "direct",
                     prompt: str = "") -> list[Sample]:
     """Samples of one photo: per view the view and its VAE round trip (negatives) and `masks` corruptions."""
-    from engines.corrupt import CorruptParams, random_blob_mask
+    from engines.corruption.corrupt import CorruptParams, random_blob_mask
 
     rng = np.random.default_rng([seed, _stable(entry["name"]), 2])
     empty = np.zeros((SIZE, SIZE), bool)
@@ -158,7 +158,7 @@ def visibility(corruptor, seed: int = 0) -> dict:
     """Mean absolute change (0-255) of a corruption against the same image uncorrupted (the cached
     uncorrupted resample for the main method, the VAE round trip for "direct"), inside / outside the
     region: one blob per photo on its centred square, and on a mirrored/rotated random square."""
-    from engines.corrupt import CorruptParams, random_blob_mask
+    from engines.corruption.corrupt import CorruptParams, random_blob_mask
 
     rows: dict[str, list] = {}
     for entry in photo_catalogue():
@@ -176,7 +176,7 @@ def visibility(corruptor, seed: int = 0) -> dict:
 
 
 def demo_corruptor(data_dir: str | os.PathLike):
-    from engines.corrupt import RegionCorruptor
+    from engines.corruption.corrupt import RegionCorruptor
     from engines.models import load_text2image
 
     return RegionCorruptor(load_text2image("demo", data_dir=data_dir, device="cpu"))
@@ -200,9 +200,9 @@ def heat_stats(detector, samples: list[Sample]) -> dict:
 
 
 def main(argv=None) -> dict:
-    from engines.detect import ArtifactDetector, evaluate_masks, score_image
-    from engines.detectors import DetectorSpec, load_detector, save_detector
-    from engines.train_detector import TrainConfig, TrainSample, train_detector
+    from engines.detection.detect import ArtifactDetector, evaluate_masks, score_image
+    from engines.detection.detectors import DetectorSpec, load_detector, save_detector
+    from engines.training.detector import TrainConfig, TrainSample, train_detector
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent))
@@ -276,7 +276,7 @@ def main(argv=None) -> dict:
         "demo": True, "script": "assets/demo_detector/train_demo_detector.py", "note": NOTE,
         "data": {"photos_train": sorted({s.name.split('/')[0] for s in train_set}),
                  "photos_heldout": sorted({s.name.split('/')[0] for s in heldout}),
-                 "corruption": f"engines.corrupt.RegionCorruptor over the demo text-to-image model, "
+                 "corruption": f"engines.corruption.corrupt.RegionCorruptor over the demo text-to-image model, "
                                f"CorruptParams(method={args.method!r}), prompt ''",
                  "regions": f"random_blob_mask coverage {COVERAGE}", "views": "128 px squares, 8 symmetries"},
         "heldout_artifact_iou": round(held.artifact_iou, 4),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engines.generate import GenerateParams
+from engines.generation.generate import GenerateParams
 
 SIZE = 128
 
@@ -44,7 +44,7 @@ def mse(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def blob_mask(seed: int) -> np.ndarray:
-    from engines.corrupt import random_blob_mask
+    from engines.corruption.corrupt import random_blob_mask
 
     return random_blob_mask(SIZE, SIZE, seed=seed, coverage=(0.1, 0.15))
 
@@ -69,7 +69,7 @@ def test_a_prompt_naming_a_photo_generates_that_photo(text2image, prompt, own, o
 # ------------------------------------------------------------------ detector and repair on a held-out photo
 @pytest.fixture(scope="module")
 def corruptor(text2image):
-    from engines.corrupt import RegionCorruptor
+    from engines.corruption.corrupt import RegionCorruptor
 
     return RegionCorruptor(text2image.loaded)
 
@@ -78,7 +78,7 @@ def corruptor(text2image):
 def corrupted(corruptor):
     """A held-out photo (coffee: the demo detector never saw it) with a blob corrupted by the studio's direct
     corruption (the paper's Table 4 baseline, what the demo detector was trained on) over the demo model."""
-    from engines.corrupt import CorruptParams
+    from engines.corruption.corrupt import CorruptParams
 
     view = centre_view("coffee")
     result = corruptor.corrupt(view, blob_mask(3), CorruptParams(method="direct", seed=1))
@@ -87,8 +87,8 @@ def corrupted(corruptor):
 
 @pytest.fixture(scope="module")
 def detector(demo_data_dir):
-    from engines.detect import ArtifactDetector
-    from engines.detectors import load_detector
+    from engines.detection.detect import ArtifactDetector
+    from engines.detection.detectors import load_detector
 
     loaded = load_detector("demo", data_dir=demo_data_dir)
     assert loaded.is_demo and loaded.extra.trained
@@ -98,7 +98,7 @@ def detector(demo_data_dir):
 def test_demo_detector_was_never_trained_on_the_held_out_photo(demo_data_dir):
     import json
 
-    from engines.detectors import ensure_demo_detector
+    from engines.detection.detectors import ensure_demo_detector
 
     provenance = json.loads((ensure_demo_detector(demo_data_dir) / "detector.json").read_text())["provenance"]
     assert "coffee" in provenance["data"]["photos_heldout"]
@@ -115,7 +115,7 @@ def test_demo_detector_is_hotter_inside_the_corrupted_region(detector, corrupted
 
 
 def test_repair_with_the_demo_models_lowers_the_artifact_area(detector, corrupted, text2image):
-    from engines.repair import RepairParams, repair
+    from engines.generation.repair import RepairParams, repair
 
     _, image, _ = corrupted
     result = repair(image, detector, text2image.loaded, RepairParams(seeds=(0, 1), num_inference_steps=10))
@@ -128,7 +128,7 @@ def test_repair_with_the_demo_models_lowers_the_artifact_area(detector, corrupte
 def test_the_demo_model_paints_a_memorised_photo_back_at_the_papers_settings(corruptor):
     """Why the demo detector trains on direct corruptions: on a photo the demo model memorised, the paper's
     main method (ReNoise, step 40 of 50, resampled) leaves almost no trace; the direct corruption does."""
-    from engines.corrupt import CorruptParams
+    from engines.corruption.corrupt import CorruptParams
 
     view, mask = centre_view("coffee"), blob_mask(3)
     main = corruptor.corrupt(view, mask, CorruptParams(seed=1))

@@ -14,7 +14,7 @@ import pytest
 from snapshots import snapshot
 from PIL import Image
 
-from studio.store import NewImage, NewMask, Store
+from studio.store.store import NewImage, NewMask, Store
 
 NOISE = np.random.default_rng(0).integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
 
@@ -39,7 +39,7 @@ def png_with_header(path: Path, width: int, height: int) -> Path:
 def corpus(tmp_path_factory, demo_dir):
     """(base data dir, fixture folder): a store with sessions "s" (2 images, one labelled) and "empty",
     the demo pipeline and detector already built, and every bad file the cases need."""
-    from engines.detectors import demo_detector_dir, ensure_demo_detector
+    from engines.detection.detectors import demo_detector_dir, ensure_demo_detector
 
     root = tmp_path_factory.mktemp("corpus")
     base, fx = root / "base", root / "fx"
@@ -98,7 +98,7 @@ def corpus(tmp_path_factory, demo_dir):
     weights = detector / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:200])
     (fx / "random.bin").write_bytes(random.Random(2).randbytes(512))
-    from engines.classify import DEMO_DIR as DEMO_CLASSIFIER
+    from engines.classification.classify import DEMO_DIR as DEMO_CLASSIFIER
 
     head = fx / "trunc-classifier"
     shutil.copytree(DEMO_CLASSIFIER, head, ignore=shutil.ignore_patterns("*.py", "*.md"))

@@ -14,7 +14,7 @@ import pytest
 
 import app
 from snapshots import file_tree, snapshot
-from studio.store import Store
+from studio.store.store import Store
 
 
 @pytest.fixture
@@ -221,7 +221,7 @@ CASES = [
 
 
 def test_the_corpus_is_large_and_covers_every_command():
-    from studio.cli import COMMANDS
+    from studio.cli.main import COMMANDS
 
     assert len(CASES) >= 60 and len({c[0] for c in CASES}) == len(CASES)
     covered = {c[1][0] for c in CASES}
@@ -325,7 +325,7 @@ def test_a_missing_stored_image_is_one_sentence_and_doctor_names_it(data, capsys
 
 
 def test_unexpected_errors_are_one_line_too(data, capsys, monkeypatch):
-    import studio.cli as cli
+    import studio.cli.main as cli
 
     def boom(args):
         raise KeyError("surprise")
@@ -342,7 +342,7 @@ def test_library_warnings_are_not_printed(data, corpus, capsys):
     """A 16-bit TIFF-like path through Pillow and torch warns; the CLI prints only its own lines."""
     import warnings
 
-    import studio.cli as cli
+    import studio.cli.main as cli
 
     def noisy(args):
         warnings.warn("a library warning", UserWarning)

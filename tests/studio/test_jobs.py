@@ -7,9 +7,9 @@ import numpy as np
 import torch
 import pytest
 
-from engines.detectors import load_detector
+from engines.detection.detectors import load_detector
 from studio.jobs import JobManager
-from studio.store import NewImage, NewMask, Store
+from studio.store.store import NewImage, NewMask, Store
 
 CONFIG = {"arch": "tiny", "steps": 400, "batch_size": 2, "crop": 32, "lr": 1e-3, "eval_every": 5, "seed": 0}
 
@@ -89,8 +89,8 @@ def test_device_reaches_train_detector_and_tune_lora(tmp_path):
     """The job row's device is what the worker hands the engines: train_detector(device=...) and, for
     LoRA, the pipeline and detector tune_lora receives (loaded on that device). "meta" is a sentinel no
     default would produce."""
-    from engines.train_detector import train_detector
-    from engines.tune import tune_lora
+    from engines.training.detector import train_detector
+    from engines.training.tune import tune_lora
     from studio.jobs import job_call
     from studio.services import Services
 
@@ -147,9 +147,9 @@ def test_two_processes_match_one_and_only_the_main_one_writes(tmp_path):
 
     from safetensors.torch import load_file
 
-    from engines.train_detector import TrainConfig, build_model, train_detector
+    from engines.training.detector import TrainConfig, build_model, train_detector
     from studio.services import Services
-    from studio.training_data import detector_samples
+    from studio.datasets.training_data import detector_samples
 
     store = Store(tmp_path)
     manager = JobManager(store)

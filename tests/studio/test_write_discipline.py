@@ -20,7 +20,7 @@ from PIL import Image
 
 import app
 from snapshots import db_dump, file_tree, snapshot
-from studio.store import NewImage, NewMask, Store, StoreError, check_name
+from studio.store.store import NewImage, NewMask, Store, StoreError, check_name
 
 ROOT = Path(__file__).resolve().parents[2]
 GEN = ["--prompt", "x", "--seed", "3", "--steps", "2", "--width", "64", "--height", "64"]
@@ -57,7 +57,7 @@ def fail_on_call(monkeypatch, owner, name: str, n: int, error: BaseException) ->
 @pytest.fixture
 def data(tmp_path, demo_dir) -> Path:
     """A data dir with the demo pipeline and a session "s" of three labelled-able images."""
-    from engines.detectors import ensure_demo_detector
+    from engines.detection.detectors import ensure_demo_detector
 
     target = tmp_path / "data"
     shutil.copytree(demo_dir, target / "models" / "demo-sd")
@@ -293,7 +293,7 @@ def test_two_processes_creating_the_same_session_both_succeed(tmp_path, demo_dir
 def test_create_if_missing_interleaved_with_another_process(capsys, tmp_path, data, monkeypatch):
     """Deterministic version of the race: between this command's lookup (missing) and its write,
     another process creates the session. The command must reuse it, not fail "already exists"."""
-    import studio.cli as cli
+    import studio.cli.main as cli
 
     lookup = cli.session_arg
 
@@ -481,7 +481,7 @@ def test_an_rle_bomb_is_refused_before_pycocotools_allocates(capsys, tmp_path, d
 
 
 def test_import_masks_batch_limit_is_checked_before_decoding(capsys, tmp_path, data, monkeypatch):
-    import studio.export as export
+    import studio.datasets.export as export
 
     masks = mask_folder(tmp_path, data)
     monkeypatch.setattr(export, "MAX_BATCH_PIXELS", 40 * 56 * 2)

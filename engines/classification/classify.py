@@ -1,0 +1,869 @@
+"""Artifact classes and captions (SynArtifact): a vision-language model, a light head, or the demo.
+
+`ArtifactClassifier(loaded).classify(images, regions=None)` returns one `Classification` per image (or,
+with `regions`, per region): a probability per class, the predicted classes and a caption per predicted
+artifact. Images are RGB uint8 HWC; a region is a bbox ``(x0, y0, x1, y1)`` of inclusive pixel indices.
+
+Classifier specs (`load_classifier`, CLI ``--classifier``):
+    "demo"                     the bundled head (assets/demo_classifier): a tiny CNN trained on procedurally
+                               corrupted public-domain photos; real, but not trained on diffusion artifacts
+    "head:FOLDER"              a head checkpoint: classifier.json + model.safetensors (what train-classifier writes)
+    "vlm:FOLDER_OR_HUB_ID"     any transformers image-text-to-text model (AutoModelForImageTextToText +
+                               AutoProcessor: LLaVA-1.5/NeXT, Qwen2-VL/2.5-VL, PaliGemma, Idefics3/SmolVLM)
+    FOLDER                     a checkpoint folder written by train-classifier (classifier.json names its family)
+Options follow a '#': "vlm:/m/llava#lora=/runs/7/lora,scoring=letter,region=box,threshold=0.4".
+
+The VLM is prompted with SynArtifact's question-answer template built from the taxonomy (`build_question`):
+the options (a letter, the class name and its one-line definition) and a reference answer format (JSON
+``{"artifacts": [{"option", "class", "caption"}], "other": ...}``). Class probabilities are scored,
+never parsed from free text (`scoring`):
+- "yesno" (default; multi-label): per class, the question plus "does the image show option X (NAME)?
+  Answer yes or no."; with the next-token distribution q after the assistant prompt,
+  p(class) = q(yes) / (q(yes) + q(no)), where q(yes) sums the probability of the first token of each
+  spelling of yes ("yes", " yes", "Yes", " Yes"; likewise no; first tokens shared by a yes and a no
+  spelling are dropped).
+- "letter" (single-label): the assistant answer is started as ``{"artifacts": [{"option": "`` and the
+  probabilities are the softmax over the option letters' first tokens (same spelling rule).
+The caption of each predicted class is generated (greedy) by continuing the reference answer
+``{"artifacts": [{"option": "C", "class": "NAME", "caption": "`` up to the closing quote.
+Region mode (`region`): "crop" (default) classifies the bbox grown by `context` (0.5 of its size on each
+side, at least 32 px) as its own image; "box" draws the bbox in red on the whole image and the question
+names the outlined region. Real models run in bfloat16 (float16 where bf16 is unsupported) on CUDA.
+
+The head family classifies crops (the region with context, or the whole image) resized to
+`input_size` with a small CNN (`CropNet`) and a sigmoid per class; its captions are a sentence built from
+the class name and the region's place in the image (a head does not write text; it says so).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from engines.models import (DEMO, LoadedModel, ModelNotFoundError, bytes_to_unicode, first_line, local_folder,
+                            remove_tree)
+from engines.progress import Cancelled, ProgressFn, StopFn
+
+BBox = tuple[int, int, int, int]
+
+CLASSIFIER_CONFIG = "classifier.json"
+CLASSIFIER_WEIGHTS = "model.safetensors"
+DEMO_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo_classifier"
+DEMO_NOTE = ("Demo classifier: a tiny CNN trained on public-domain photos with procedurally made artifacts "
+             "(blur, colour, texture, warps, clones, erasures, glyphs, light); it is real but has never seen "
+             "diffusion-model artifacts, and 3 of the 13 classes had no training examples.")
+SCORINGS = ("yesno", "letter")
+REGION_MODES = ("crop", "box")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+YES_SPELLINGS = ("yes", " yes", "Yes", " Yes")
+NO_SPELLINGS = ("no", " no", "No", " No")
+ANSWER_PREFIX = '{"artifacts": [{"option": "'
+SHARED_PREFIX_TYPES = ("llava", "llava_next", "idefics3", "smolvlm")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One predicted artifact: its class, probability and a caption."""
+
+    class_name: str
+    probability: float
+    caption: str
+
+
+@dataclass(frozen=True)
+class Classification:
+    """What a classifier says about one image (bbox None) or one region of it.
+
+    `probabilities`: (class name, probability) in the classifier's class order; `predicted`: the classes
+    at or above the threshold (yes/no and head) or the top class (letter scoring), most probable first.
+    """
+
+    image_index: int
+    bbox: BBox | None
+    probabilities: tuple[tuple[str, float], ...]
+    predicted: tuple[Prediction, ...]
+    classifier_id: str = ""
+    is_demo: bool = False
+
+    @property
+    def artifact_probability(self) -> float:
+        """The largest class probability: how sure the classifier is that some artifact is there."""
+        return max((p for _, p in self.probabilities), default=0.0)
+
+    def probability(self, class_name: str) -> float:
+        return dict(self.probabilities)[class_name]
+
+    def to_json(self) -> dict:
+        return {"image_index": self.image_index, "bbox": None if self.bbox is None else list(self.bbox),
+                "probabilities": {k: round(v, 6) for k, v in self.probabilities},
+                "predicted": [asdict(p) for p in self.predicted], "classifier": self.classifier_id,
+                "demo": self.is_demo}
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """How a classifier runs. `classes`: [{"name", "definition"}] (a head's are fixed by its weights)."""
+
+    family: str  # "vlm" or "head"
+    classes: tuple[dict, ...] = ()
+    scoring: str = "yesno"
+    region: str = "crop"
+    context: float = 0.5
+    threshold: float = 0.5
+    input_size: int = 64
+    max_caption_tokens: int = 40
+    note: str = ""
+
+    def validate(self) -> None:
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"Unknown scoring '{self.scoring}'; use {' or '.join(SCORINGS)}.")
+        if self.region not in REGION_MODES:
+            raise ValueError(f"Unknown region mode '{self.region}'; use {' or '.join(REGION_MODES)}.")
+        if not 0.0 <= float(self.context) <= 4.0:
+            raise ValueError(f"Region context must be between 0 and 4 (a fraction of the box size), got {self.context}.")
+        if not 0.0 < float(self.threshold) < 1.0:
+            raise ValueError(f"Classifier threshold must be strictly between 0 and 1, got {self.threshold}.")
+        if not 16 <= int(self.input_size) <= 1024:
+            raise ValueError(f"Head input size must be between 16 and 1024, got {self.input_size}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# The question-answer template (SynArtifact), built from a taxonomy
+
+
+def check_taxonomy(taxonomy) -> list[dict]:
+    """[{"name", "definition"}] with unique non-empty names, at most 26 classes (one letter each)."""
+    if not isinstance(taxonomy, (list, tuple)) or not taxonomy:
+        raise ValueError("A taxonomy must be a non-empty list of classes, each a dict with a 'name'.")
+    out = []
+    for c in taxonomy:
+        name = c.get("name") if isinstance(c, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError("Every taxonomy class needs a non-empty 'name'.")
+        out.append({"name": name.strip(), "definition": str(c.get("definition") or "").strip()})
+    names = [c["name"] for c in out]
+    if len(set(names)) != len(names):
+        raise ValueError("Taxonomy class names must be unique.")
+    if len(out) > len(LETTERS):
+        raise ValueError(f"The VLM template gives each class a letter; a taxonomy can have at most {len(LETTERS)} classes.")
+    return out
+
+
+def build_question(taxonomy, region: str | None = None) -> str:
+    """SynArtifact's question: the task, the options with their explanations, the reference answer format.
+
+    `region`: None for a whole image, "crop" for a region shown as a crop, "box" for a region outlined in red.
+    """
+    classes = check_taxonomy(taxonomy)
+    subject = {None: "This image was made by a text-to-image model.",
+               "crop": "This image is a crop around one region of an image made by a text-to-image model.",
+               "box": "This image was made by a text-to-image model; one region is outlined with a red box."}[region]
+    where = "the outlined region" if region == "box" else "the image"
+    lines = [subject, f"Which of these artifact types does {where} show? Options:"]
+    for letter, c in zip(LETTERS, classes):
+        lines.append(f"{letter}. {c['name']}: {c['definition']}" if c["definition"] else f"{letter}. {c['name']}")
+    example = json.dumps({"artifacts": [{"option": "A", "class": classes[0]["name"],
+                                         "caption": "where the artifact is and what is wrong"}], "other": "none"})
+    lines.append(f"Answer in JSON like this reference answer: {example}. List every artifact you see with its "
+                 "option letter, class and a short caption; put artifacts that fit no option in \"other\"; answer "
+                 '{"artifacts": [], "other": "none"} when there is none.')
+    return "\n".join(lines)
+
+
+def yesno_question(taxonomy, index: int, region: str | None = None) -> str:
+    """The template plus one yes/no question about option `index`."""
+    classes = check_taxonomy(taxonomy)
+    where = "the outlined region" if region == "box" else "the image"
+    return (build_question(classes, region) + f"\nQuestion: does {where} show option {LETTERS[index]} "
+            f"({classes[index]['name']})? Answer yes or no.")
+
+
+def render_answer(taxonomy, artifacts: Sequence[tuple[str, str | None]], other: str = "none") -> str:
+    """The reference-format answer for (class name, caption) pairs; classes outside the taxonomy go to "other"."""
+    classes = check_taxonomy(taxonomy)
+    letter_of = {c["name"]: LETTERS[i] for i, c in enumerate(classes)}
+    items, extra = [], []
+    for name, caption in artifacts:
+        caption = " ".join(str(caption or "").split()) or (name or "an artifact")
+        if name in letter_of:
+            items.append({"option": letter_of[name], "class": name, "caption": caption})
+        else:
+            extra.append(caption)
+    return json.dumps({"artifacts": items, "other": "; ".join(extra) if extra else other})
+
+
+def parse_answer(text: str, taxonomy) -> list[tuple[str, str]]:
+    """(class name, caption) pairs from a model's answer in the reference format.
+
+    Tolerant: the first JSON object in the text is read; an item is matched by its option letter, else by
+    its class name (case-insensitive); unknown items are dropped. Text that is not JSON gives []."""
+    classes = check_taxonomy(taxonomy)
+    by_letter = {LETTERS[i]: c["name"] for i, c in enumerate(classes)}
+    by_name = {c["name"].lower(): c["name"] for c in classes}
+    start = text.find("{")
+    if start < 0:
+        return []
+    try:
+        data, _ = json.JSONDecoder().raw_decode(text[start:])
+    except ValueError:
+        return []
+    items = data.get("artifacts", []) if isinstance(data, dict) else []
+    out = []
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict):
+            continue
+        option = str(item.get("option", "")).strip().upper()[:1]
+        name = by_letter.get(option) or by_name.get(str(item.get("class", "")).strip().lower())
+        if name is not None:
+            out.append((name, str(item.get("caption", "") or "").strip()))
+    return out
+
+
+def caption_prefix(taxonomy, index: int) -> str:
+    """The reference answer started up to the caption of option `index` (its caption is generated from here)."""
+    classes = check_taxonomy(taxonomy)
+    return ANSWER_PREFIX + f'{LETTERS[index]}", "class": {json.dumps(classes[index]["name"])}, "caption": "'
+
+
+def _cut_caption(text: str) -> str:
+    """The generated caption up to its closing (unescaped) quote, whitespace collapsed."""
+    match = re.search(r'(?<!\\)"', text)
+    caption = text[:match.start()] if match else text
+    return " ".join(caption.replace('\\"', '"').split())
+
+
+# ----------------------------------------------------------------------------------------------
+# Regions
+
+
+def crop_with_context(image: np.ndarray, bbox: BBox, context: float = 0.5, min_side: int = 32) -> np.ndarray:
+    """The bbox grown by `context` x its width/height on each side (at least `min_side` px), clamped."""
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = _check_bbox(bbox, w, h)
+    (left, right), (top, bottom) = _grow(x1 - x0 + 1, context, min_side), _grow(y1 - y0 + 1, context, min_side)
+    return image[max(0, y0 - top):min(h, y1 + bottom + 1), max(0, x0 - left):min(w, x1 + right + 1)]
+
+
+def _grow(size: int, context: float, min_side: int) -> tuple[int, int]:
+    """Pixels to add before and after a span of `size`: context x size each, or up to `min_side` in total."""
+    grow = int(round(size * context))
+    if size + 2 * grow >= min_side:
+        return grow, grow
+    extra = min_side - size
+    return extra // 2, extra - extra // 2
+
+
+def draw_box(image: np.ndarray, bbox: BBox, width: int | None = None) -> np.ndarray:
+    """A copy of the image with the bbox outlined in red (line width ~0.5% of the image, at least 2 px)."""
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = _check_bbox(bbox, w, h)
+    t = width or max(2, round(0.005 * max(h, w)))
+    out = image.copy()
+    red = np.array([255, 0, 0], np.uint8)
+    out[y0:min(y0 + t, y1 + 1), x0:x1 + 1] = red
+    out[max(y1 - t + 1, y0):y1 + 1, x0:x1 + 1] = red
+    out[y0:y1 + 1, x0:min(x0 + t, x1 + 1)] = red
+    out[y0:y1 + 1, max(x1 - t + 1, x0):x1 + 1] = red
+    return out
+
+
+def place_phrase(bbox: BBox | None, width: int, height: int) -> str:
+    """Where a bbox sits: "in the image" for None, else e.g. "at the upper left" / "in the centre"."""
+    if bbox is None:
+        return "in the image"
+    cx = (bbox[0] + bbox[2]) / 2 / max(width - 1, 1)
+    cy = (bbox[1] + bbox[3]) / 2 / max(height - 1, 1)
+    vertical = "upper " if cy < 1 / 3 else "lower " if cy > 2 / 3 else ""
+    horizontal = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else ""
+    if not vertical and not horizontal:
+        return "in the centre"
+    return f"at the {(vertical + horizontal).strip() or 'middle'}" if horizontal else f"in the {vertical.strip()} middle"
+
+
+def _check_bbox(bbox, w: int, h: int) -> BBox:
+    try:
+        x0, y0, x1, y1 = (int(v) for v in bbox)
+    except (TypeError, ValueError):
+        raise ValueError(f"A region must be a bbox (x0, y0, x1, y1) of whole pixel indices, got {bbox!r}.") from None
+    if not (0 <= x0 <= x1 < w and 0 <= y0 <= y1 < h):
+        raise ValueError(f"Region bbox {(x0, y0, x1, y1)} is outside the {w}x{h} image (inclusive indices, x0 <= x1).")
+    return x0, y0, x1, y1
+
+
+def _items(images: Sequence[np.ndarray], regions) -> list[tuple[int, BBox | None]]:
+    from engines.detection.detect import check_rgb
+
+    for i, img in enumerate(images):
+        check_rgb(img, f"image {i}")
+    if regions is None:
+        return [(i, None) for i in range(len(images))]
+    if len(regions) != len(images):
+        raise ValueError(f"Give one list of regions per image: {len(images)} image(s) but {len(regions)} region list(s).")
+    items = []
+    for i, (img, boxes) in enumerate(zip(images, regions)):
+        for box in boxes:
+            items.append((i, _check_bbox(box, img.shape[1], img.shape[0])))
+    return items
+
+
+# ----------------------------------------------------------------------------------------------
+# The classifier
+
+
+class ArtifactClassifier:
+    """Runs a loaded classifier (`load_classifier`) on RGB uint8 images. Inference only; thread-compatible
+    (the caller serialises access to the device)."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.spec: ClassifierSpec = loaded.extra
+        self.spec.validate()
+
+    @property
+    def classifier_id(self) -> str:
+        return self.loaded.model_id
+
+    @property
+    def fixed_classes(self) -> bool:
+        """True for a head: its classes are its weights'; a VLM asks about any taxonomy."""
+        return self.spec.family == "head"
+
+    def classes(self, taxonomy=None) -> list[dict]:
+        if self.fixed_classes or taxonomy is None:
+            return list(self.spec.classes)
+        return check_taxonomy(taxonomy)
+
+    def classify(self, images: Sequence[np.ndarray], regions: Sequence[Sequence[BBox]] | None = None, *,
+                 taxonomy=None, captions: bool = True, batch_size: int = 8, progress: ProgressFn | None = None,
+                 should_stop: StopFn | None = None) -> list[Classification]:
+        """One Classification per image, or per region when `regions` (one bbox list per image) is given,
+        in input order. `taxonomy` (a VLM's classes; a head ignores it) defaults to the spec's classes.
+        `progress(done, total)` counts items; `should_stop()` is checked between batches (raises Cancelled)."""
+        import torch
+
+        if int(batch_size) < 1:
+            raise ValueError("Batch size must be at least 1.")
+        items = _items(images, regions)
+        classes = self.classes(taxonomy)
+        if not classes:
+            raise ValueError("This classifier has no classes; give a taxonomy.")
+        run = self._head_scores if self.spec.family == "head" else self._vlm_scores
+        out: list[Classification] = []
+        with torch.inference_mode():
+            for start in range(0, len(items), int(batch_size)):
+                _stop(should_stop)
+                chunk = items[start:start + int(batch_size)]
+                probs = run(images, chunk, classes)
+                for (index, bbox), p in zip(chunk, probs):
+                    out.append(self._classification(images, index, bbox, classes, p, captions))
+                if progress is not None:
+                    progress(len(out), len(items))
+        return out
+
+    # -------------------------------------------------------------- results
+    def _classification(self, images, index: int, bbox, classes, probs: np.ndarray, captions: bool) -> Classification:
+        names = [c["name"] for c in classes]
+        pairs = tuple((n, float(p)) for n, p in zip(names, probs))
+        if self.spec.family == "vlm" and self.spec.scoring == "letter":
+            chosen = [int(np.argmax(probs))]
+        else:
+            chosen = [int(i) for i in np.argsort(-probs, kind="stable") if probs[i] >= self.spec.threshold]
+        preds = []
+        for i in chosen:
+            text = self._caption(images, index, bbox, classes, i) if captions else ""
+            preds.append(Prediction(class_name=names[i], probability=float(probs[i]), caption=text))
+        return Classification(image_index=index, bbox=bbox, probabilities=pairs, predicted=tuple(preds),
+                              classifier_id=self.classifier_id, is_demo=self.loaded.is_demo)
+
+    def _caption(self, images, index: int, bbox, classes, i: int) -> str:
+        image = images[index]
+        if self.spec.family == "head":
+            return f"{classes[i]['name']} {place_phrase(bbox, image.shape[1], image.shape[0])} (head classifier; no free-text caption)."
+        vlm: _Vlm = self.loaded.model
+        picture = self._view(image, bbox)
+        prompt = vlm.prompt(build_question(classes, self._region(bbox))) + caption_prefix(classes, i)
+        text = vlm.generate([prompt], [picture], self.spec.max_caption_tokens)[0]
+        return _cut_caption(text)
+
+    # -------------------------------------------------------------- head
+    def _head_scores(self, images, chunk, classes) -> list[np.ndarray]:
+        import torch
+
+        model = self.loaded.model
+        size = int(self.spec.input_size)
+        crops = [self._view(images[i], b, for_head=True) for i, b in chunk]
+        x = torch.from_numpy(np.stack([resize_rgb(c, size, size) for c in crops])).permute(0, 3, 1, 2)
+        x = x.to(self.loaded.device, torch.float32) / 127.5 - 1.0
+        return list(torch.sigmoid(model(x)).float().cpu().numpy())
+
+    # -------------------------------------------------------------- VLM
+    def _region(self, bbox) -> str | None:
+        return None if bbox is None else self.spec.region
+
+    def _view(self, image: np.ndarray, bbox, for_head: bool = False) -> np.ndarray:
+        if bbox is None:
+            return image
+        if for_head or self.spec.region == "crop":
+            return crop_with_context(image, bbox, self.spec.context)
+        return draw_box(image, bbox)
+
+    def _vlm_scores(self, images, chunk, classes) -> list[np.ndarray]:
+        vlm: _Vlm = self.loaded.model
+        if self.spec.scoring == "letter":
+            prompts = [vlm.prompt(build_question(classes, self._region(b))) + ANSWER_PREFIX for _, b in chunk]
+            pictures = [self._view(images[i], b) for i, b in chunk]
+            logp = vlm.next_token_logprobs(prompts, pictures)
+            groups = [[letter, " " + letter] for letter in LETTERS[:len(classes)]]
+            return [np.asarray(option_probabilities(row, vlm.first_tokens(groups))) for row in logp]
+        yes_no = vlm.first_tokens([list(YES_SPELLINGS), list(NO_SPELLINGS)])
+        if vlm.shared_prefix:  # one forward of the shared question per picture, then the C short questions
+            out = []
+            for i, b in chunk:
+                prompts = [vlm.prompt(yesno_question(classes, k, self._region(b))) for k in range(len(classes))]
+                logp = vlm.shared_prefix_logprobs(prompts, self._view(images[i], b))
+                out.append(np.array([option_probabilities(row, yes_no)[0] for row in logp]))
+            return out
+        prompts, pictures = [], []
+        for i, b in chunk:
+            picture = self._view(images[i], b)
+            for k in range(len(classes)):
+                prompts.append(vlm.prompt(yesno_question(classes, k, self._region(b))))
+                pictures.append(picture)
+        logp = vlm.next_token_logprobs(prompts, pictures)
+        probs = np.array([option_probabilities(row, yes_no)[0] for row in logp])
+        return list(probs.reshape(len(chunk), len(classes)))
+
+
+def option_probabilities(logprobs, token_groups: list[list[int]]) -> list[float]:
+    """Normalised probability of each option from next-token log-probabilities: an option's mass is the
+    sum of exp(logprob) over its token ids; the masses are divided by their total."""
+    import torch
+
+    row = torch.as_tensor(logprobs, dtype=torch.float32)
+    mass = torch.stack([torch.logsumexp(row[list(ids)], dim=0) for ids in token_groups])
+    return torch.softmax(mass, dim=0).tolist()
+
+
+def _stop(should_stop: StopFn | None) -> None:
+    if should_stop is not None and should_stop():
+        raise Cancelled("Stopped; nothing was classified after the stop.")
+
+
+def resize_rgb(image: np.ndarray, w: int, h: int) -> np.ndarray:
+    from PIL import Image
+
+    if image.shape[:2] == (h, w):
+        return np.ascontiguousarray(image)
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((w, h), Image.BILINEAR))
+
+
+# ----------------------------------------------------------------------------------------------
+# The VLM wrapper: prompt formatting, batched next-token log-probabilities, generation
+
+
+class _Vlm:
+    """An image-text-to-text model and its processor (left padding), with the three things we ask of it."""
+
+    def __init__(self, model, processor, device: str):
+        self.model, self.processor, self.device = model, processor, device
+        self.tokenizer = getattr(processor, "tokenizer", None)
+        if self.tokenizer is None:
+            raise ValueError("The model's processor has no tokenizer; it cannot be prompted.")
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if not getattr(processor, "chat_template", None) and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("The model's processor has no chat template, so the question cannot be formatted for it.")
+        self._first: dict = {}
+        self.prefix_cache = True  # False: every yes/no question runs in full (a check and a benchmark baseline)
+        import inspect
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._cache_arg = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+    def prompt(self, question: str) -> str:
+        """The chat-formatted user turn (one image, then the question) with the assistant turn opened."""
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+    def conversation(self, question: str, answer: str) -> tuple[str, str]:
+        """(prompt, prompt + answer + end-of-turn) for training: the answer tokens are the label."""
+        prompt = self.prompt(question)
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+                        {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        full = self.processor.apply_chat_template(conversation, add_generation_prompt=False)
+        if not full.startswith(prompt):  # templates that render the assistant turn differently: append by hand
+            full = prompt + answer + (self.tokenizer.eos_token or "")
+        return prompt, full
+
+    def inputs(self, texts: list[str], pictures: list[np.ndarray]):
+        from PIL import Image
+
+        batch = self.processor(text=texts, images=[Image.fromarray(np.ascontiguousarray(p)) for p in pictures],
+                               return_tensors="pt", padding=True)
+        dtype = next(self.model.parameters()).dtype
+        return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) for k, v in batch.items()}
+
+    def next_token_logprobs(self, prompts: list[str], pictures: list[np.ndarray]):
+        """log-softmax of the next-token logits after each prompt (left padding: the last position)."""
+        import torch
+
+        logits = self.model(**self.inputs(prompts, pictures)).logits[:, -1, :]
+        return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+    @property
+    def shared_prefix(self) -> bool:
+        """Whether the yes/no questions of one picture may share the KV cache of their common prefix (model
+        types whose positions follow the cache; Qwen2-VL's M-RoPE and PaliGemma's prefix attention do not)."""
+        inner = getattr(self.model, "base_model", self.model)
+        config = getattr(getattr(inner, "model", inner), "config", None) or getattr(self.model, "config", None)
+        return getattr(config, "model_type", "") in SHARED_PREFIX_TYPES and self.prefix_cache
+
+    def shared_prefix_logprobs(self, prompts: list[str], picture: np.ndarray):
+        """Next-token log-softmax after each prompt, all about one picture: the prompts' common token prefix
+        (question, options, image) runs once with a KV cache, then the differing tails run as one right-padded
+        batch on copies of that cache. Equal to `next_token_logprobs(prompts, [picture] * n)`."""
+        import torch
+
+        n = len(prompts)
+        inputs = self.inputs(prompts, [picture] * n)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+        rows = [ids[i][mask[i]] for i in range(n)]
+        shortest = min(len(r) for r in rows)
+        same = (torch.stack([r[:shortest - 1] for r in rows]) == rows[0][:shortest - 1]).all(dim=0)
+        common = int(same.long().cumprod(0).sum())
+        extra = {k: v[:1] for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "token_type_ids")}
+        prefix = rows[0][:common][None]
+        out = self.model(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True, **extra)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        cache.batch_repeat_interleave(n)
+        tails = [r[common:] for r in rows]
+        width = max(len(t) for t in tails)
+        tail_ids = torch.full((n, width), int(self.tokenizer.pad_token_id), dtype=ids.dtype, device=ids.device)
+        tail_mask = torch.zeros((n, width), dtype=torch.long, device=ids.device)
+        for i, t in enumerate(tails):
+            tail_ids[i, :len(t)] = t
+            tail_mask[i, :len(t)] = 1
+        attention = torch.cat([torch.ones((n, common), dtype=torch.long, device=ids.device), tail_mask], dim=1)
+        logits = self.model(input_ids=tail_ids, attention_mask=attention, use_cache=True, **{self._cache_arg: cache},
+                            cache_position=torch.arange(common, common + width, device=ids.device)).logits
+        last = tail_mask.sum(dim=1) - 1
+        return torch.log_softmax(logits[torch.arange(n), last].float(), dim=-1).cpu()
+
+    def first_tokens(self, groups: list[list[str]]) -> list[list[int]]:
+        """The first token id of each spelling, per group; ids shared between groups are dropped."""
+        key = tuple(tuple(g) for g in groups)
+        if key not in self._first:
+            ids = [{self._first_id(s) for s in g} - {None} for g in groups]
+            shared = set().union(*[a & b for n, a in enumerate(ids) for b in ids[n + 1:]])
+            clean = [sorted(g - shared) for g in ids]
+            if any(not g for g in clean):
+                raise ValueError("The tokenizer cannot tell the answer options apart by their first token.")
+            self._first[key] = clean
+        return self._first[key]
+
+    def _first_id(self, text: str) -> int | None:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return int(ids[0]) if ids else None
+
+    def generate(self, prompts: list[str], pictures: list[np.ndarray], max_new_tokens: int) -> list[str]:
+        inputs = self.inputs(prompts, pictures)
+        out = self.model.generate(**inputs, max_new_tokens=int(max_new_tokens), do_sample=False,
+                                  pad_token_id=self.tokenizer.pad_token_id)
+        return self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The head
+
+
+def build_crop_net(num_classes: int, width: int = 16):
+    """CropNet: 4 conv blocks (3x3, stride 2, GroupNorm, SiLU; width x 1/2/4/6 channels), global average
+    pooling and a linear layer to one logit per class. ~60k parameters at width 16."""
+    from torch import nn
+
+    chans = [3, width, width * 2, width * 4, width * 6]
+    layers: list = []
+    for cin, cout in zip(chans[:-1], chans[1:]):
+        layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(4, cout), nn.SiLU(),
+                   nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(4, cout), nn.SiLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(chans[-1], int(num_classes)))
+
+
+def save_head(model, spec: ClassifierSpec, folder: str | os.PathLike, *, width: int, provenance: dict | None = None,
+              metrics: dict | None = None) -> Path:
+    """Write a head checkpoint: model.safetensors + classifier.json (family, classes, sizes, provenance), atomically."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    remove_tree(tmp)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / CLASSIFIER_WEIGHTS))
+    meta = {"format": "artifact-studio-classifier/1", "family": "head", "arch": "CropNet", "width": int(width),
+            "classes": list(spec.classes), "input_size": spec.input_size, "context": spec.context,
+            "threshold": spec.threshold, "note": spec.note, "provenance": provenance or {}, "metrics": metrics or {}}
+    (tmp / CLASSIFIER_CONFIG).write_text(json.dumps(meta, indent=2, default=str))
+    remove_tree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def _load_head(folder: Path, device: str):
+    import torch
+    from engines.checkpoints import read_safetensors
+
+    meta_path, weights = folder / CLASSIFIER_CONFIG, folder / CLASSIFIER_WEIGHTS
+    if not meta_path.is_file() or not weights.is_file():
+        raise ModelNotFoundError(f"Classifier folder '{folder}' needs {CLASSIFIER_CONFIG} and {CLASSIFIER_WEIGHTS}.")
+    try:
+        meta = json.loads(meta_path.read_text())
+        classes = tuple(check_taxonomy(meta["classes"]))
+        spec = ClassifierSpec(family="head", classes=classes, input_size=int(meta.get("input_size", 64)),
+                              context=float(meta.get("context", 0.5)), threshold=float(meta.get("threshold", 0.5)),
+                              note=str(meta.get("note", "")))
+        width = int(meta.get("width", 16))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"Classifier folder '{folder}': {CLASSIFIER_CONFIG} is not a valid head config ({first_line(exc)}).") from None
+    model = build_crop_net(len(classes), width)
+    state = read_safetensors(weights)
+    own = model.state_dict()
+    bad = sorted(set(own) ^ set(state)) + [k for k in own if k in state and state[k].shape != own[k].shape]
+    if bad:
+        raise ValueError(f"'{weights.name}' in '{folder}' does not fit a CropNet of width {width} with {len(classes)} "
+                         f"classes ({len(bad)} mismatched keys, e.g. {bad[0]}).")
+    model.load_state_dict(state)
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"Classifier '{folder}' has NaN or infinite weights (first in {name}); the file is damaged.")
+    return model.to(device).eval(), spec
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_classifier(spec: str | None, *, device: str = "cpu", taxonomy=None, local_files_only: bool = False) -> LoadedModel:
+    """Load a classifier from a spec string (see the module docstring). `taxonomy`: the classes a VLM is
+    asked about by default (a head's classes come from its checkpoint). Returns LoadedModel whose `extra`
+    is the ClassifierSpec and whose `model` is an nn.Module (head) or the VLM wrapper."""
+    text = (spec or DEMO).strip()
+    body, _, options = text.partition("#")
+    family, sep, path = body.partition(":")
+    if sep and len(family) == 1 and path.startswith(("\\", "/")):  # a Windows drive letter
+        family, path, sep = body, "", ""
+    if not sep:
+        family, path = body, ""
+    opts = _options(options)
+    _apply(ClassifierSpec(family="vlm"), {k: v for k, v in opts.items() if k != "lora"})  # bad options fail first
+    if family == DEMO:
+        if not (DEMO_DIR / CLASSIFIER_WEIGHTS).is_file():
+            raise ModelNotFoundError(f"The demo classifier's weights are missing from {DEMO_DIR}; run "
+                                     "assets/demo_classifier/train_demo_classifier.py to make them.")
+        model, cspec = _load_head(DEMO_DIR, device)
+        cspec = _apply(replace(cspec, note=DEMO_NOTE), opts)
+        return LoadedModel(model=model, kind="classifier", model_id=DEMO, path=str(DEMO_DIR), is_demo=True,
+                           device=device, note=DEMO_NOTE, extra=cspec)
+    if family == "head" or (not sep and Path(family).expanduser().is_dir()):
+        folder = Path(path if family == "head" else family).expanduser()
+        if not folder.is_dir():
+            raise ModelNotFoundError(f"Classifier folder '{folder}' does not exist.")
+        meta = _read_meta(folder)
+        if meta.get("family") == "vlm":
+            base = str(meta.get("base") or "")
+            merged = {k: v for k, v in meta.get("options", {}).items() if k in ("scoring", "region", "threshold", "context")}
+            if meta.get("adapter"):
+                merged["lora"] = str(folder / str(meta["adapter"]))
+            return _load_vlm(base, {**merged, **opts}, device, meta.get("classes") or taxonomy, text, local_files_only)
+        model, cspec = _load_head(folder.resolve(), device)
+        cspec = _apply(cspec, opts)
+        return LoadedModel(model=model, kind="classifier", model_id=text, path=str(folder.resolve()), is_demo=False,
+                           device=device, note=cspec.note, extra=cspec)
+    if family == "vlm":
+        if not path:
+            raise ValueError("The vlm classifier needs a model: vlm:/path/to/model-folder or vlm:HUB_ID.")
+        return _load_vlm(path, opts, device, taxonomy, text, local_files_only)
+    if not sep and ("/" in family or family.startswith(".")):
+        raise ModelNotFoundError(f"Classifier folder '{family}' does not exist.")
+    raise ValueError(f"Unknown classifier '{text}'; use demo, head:FOLDER, vlm:FOLDER_OR_HUB_ID or a checkpoint folder.")
+
+
+def load_classifier_model(spec: str | None, *, data_dir: str | os.PathLike | None = None, device: str = "cpu",
+                          **kwargs) -> LoadedModel:
+    """`load_classifier` in the shape of `engines.registry.LOADERS` (a classifier keeps nothing under data_dir)."""
+    return load_classifier(spec, device=device, **kwargs)
+
+
+def _read_meta(folder: Path) -> dict:
+    meta_path = folder / CLASSIFIER_CONFIG
+    if not meta_path.is_file():
+        raise ModelNotFoundError(f"Classifier folder '{folder}' has no {CLASSIFIER_CONFIG}; give a folder written by "
+                                 "train-classifier (or vlm:FOLDER for a transformers model).")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"'{meta_path}' is not valid JSON ({first_line(exc)}).") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"'{meta_path}' must hold a JSON object.")
+    return meta
+
+
+def check_classifier(spec: str | None, *, local_files_only: bool = False) -> None:
+    """Cheap check of a spec before a job is launched: a head (or the demo) is loaded (it is small); for a
+    VLM only its config is read (folder or hub cache) and its kind checked. Raises what loading would."""
+    text = (spec or DEMO).strip()
+    body, _, options = text.partition("#")
+    family, sep, path = body.partition(":")
+    if family == "vlm" and sep and path:
+        opts = _options(options)
+        _apply(ClassifierSpec(family="vlm"), {k: v for k, v in opts.items() if k != "lora"})
+        if opts.get("lora") and not Path(str(opts["lora"])).is_dir():
+            raise ModelNotFoundError(f"LoRA folder '{opts['lora']}' does not exist.")
+        _vlm_config(path, local_files_only)
+        return
+    folder = Path(body).expanduser()
+    if not sep and folder.is_dir() and (folder / CLASSIFIER_CONFIG).is_file():
+        meta = _read_meta(folder)
+        if meta.get("family") == "vlm":
+            _vlm_config(str(meta.get("base") or ""), local_files_only)
+            return
+    load_classifier(text, local_files_only=local_files_only)
+
+
+def _vlm_config(source: str, local_files_only: bool):
+    """(folder or None, where to load from, offline, config) of a VLM source; one sentence if it is missing,
+    unreadable, or not an image-text-to-text model."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    if not source:
+        raise ValueError("The vlm classifier needs a model: vlm:/path/to/model-folder or vlm:HUB_ID.")
+    folder = local_folder(source)
+    if folder is not None and not (folder / "config.json").is_file():
+        raise ModelNotFoundError(f"Model folder '{source}' has no config.json; give a transformers model folder "
+                                 "(as written by save_pretrained) or a hub id.")
+    where = str(folder) if folder is not None else source
+    offline = local_files_only or folder is not None
+    try:
+        config = AutoConfig.from_pretrained(where, local_files_only=offline)
+    except (OSError, ValueError) as exc:
+        if folder is not None:
+            raise ModelNotFoundError(f"Model folder '{source}' could not be read: {first_line(exc)}") from None
+        raise ModelNotFoundError(f"Model '{source}' was not found: it is not a local folder and is not in the Hugging Face "
+                                 "cache (and the hub is unreachable); download it once or pass vlm:/path/to/folder.") from None
+    if type(config) not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+        raise ValueError(f"'{source}' is a {getattr(config, 'model_type', type(config).__name__)} model, not an "
+                         "image-text-to-text model (AutoModelForImageTextToText), so it cannot classify images; give a "
+                         "VLM such as LLaVA, Qwen2-VL, PaliGemma or SmolVLM.")
+    return folder, where, offline, config
+
+
+def _load_vlm(source: str, opts: dict, device: str, taxonomy, model_id: str, local_files_only: bool) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder, where, offline, _ = _vlm_config(source, local_files_only)
+    dtype = torch.float32
+    if device.startswith("cuda"):
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(where, dtype=dtype, local_files_only=offline)
+        processor = AutoProcessor.from_pretrained(where, local_files_only=offline)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"Model '{source}' could not be loaded as an image-text-to-text model: {first_line(exc)}") from None
+    lora = opts.pop("lora", None)
+    if lora:
+        from peft import PeftModel
+
+        if not Path(lora).is_dir():
+            raise ModelNotFoundError(f"LoRA folder '{lora}' does not exist.")
+        model = PeftModel.from_pretrained(model, lora)
+    model = model.to(device).eval()
+    classes = tuple(check_taxonomy(taxonomy)) if taxonomy else ()
+    cspec = _apply(ClassifierSpec(family="vlm", classes=classes, note="" if not lora else f"LoRA: {lora}"), opts)
+    return LoadedModel(model=_Vlm(model, processor, device), kind="classifier", model_id=model_id,
+                       path=str(folder) if folder else None, is_demo=False, device=device, note=cspec.note, extra=cspec)
+
+
+def _options(options: str) -> dict:
+    out: dict = {}
+    for item in [o for o in options.split(",") if o.strip()]:
+        key, eq, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or key not in ("lora", "scoring", "region", "threshold", "context"):
+            raise ValueError(f"Bad classifier option '{item}'; known: lora=DIR, scoring=yesno|letter, region=crop|box, "
+                             "threshold=P, context=F.")
+        out[key] = value
+    return out
+
+
+def _apply(spec: ClassifierSpec, opts: dict) -> ClassifierSpec:
+    changes: dict = {}
+    try:
+        for key in ("threshold", "context"):
+            if key in opts:
+                changes[key] = float(opts[key])
+    except ValueError:
+        raise ValueError("Classifier options threshold and context must be numbers.") from None
+    for key in ("scoring", "region"):
+        if key in opts:
+            changes[key] = str(opts[key])
+    new = replace(spec, **changes)
+    new.validate()
+    return new
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny real VLM for tests and benchmarks
+
+
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                      "<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% if m['role'] == 'assistant' %}</s>"
+                      "{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def save_tiny_vlm(folder: str | os.PathLike, seed: int = 0, *, hidden_size: int = 32, layers: int = 2,
+                  image_size: int = 32) -> Path:
+    """Write a tiny LLaVA (CLIP vision tower + Llama language model, random weights from `seed`) with a
+    byte-level BPE tokenizer built offline and a plain chat template, loadable with
+    AutoModelForImageTextToText / AutoProcessor. ~45k parameters at the defaults."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+
+    specials = ["<pad>", "<s>", "</s>", "<image>"]
+    vocab = {s: i for i, s in enumerate(specials)}
+    for ch in bytes_to_unicode().values():
+        vocab.setdefault(ch, len(vocab))
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        additional_special_tokens=["<image>"])
+    patch = max(4, image_size // 4)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=image_size, patch_size=patch, projection_dim=16)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=8192, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=3, vision_feature_layer=-1,
+                         vision_feature_select_strategy="full")
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
+                                           crop_size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="full", num_additional_image_tokens=1,
+        chat_template=TINY_CHAT_TEMPLATE)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
