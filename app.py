@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from pathlib import Path
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -74,7 +75,7 @@ def serve(args: argparse.Namespace) -> int:
     from studio.services import ASSETS_DIR, Services, quiet_libraries, resolve_data_dir
     from studio.web.ui import HEAD, build_ui
 
-    quiet_libraries()
+    quiet_libraries(now=False)  # torch, diffusers and transformers load after the page is up (warm_up)
     device = args.device or pick_device()
     services = Services.open(resolve_data_dir(args.data_dir), model_spec=args.model, device=device,
                              segmenter_spec=args.sam)
@@ -99,8 +100,22 @@ def serve(args: argparse.Namespace) -> int:
         server_name=args.host, server_port=args.port, share=args.share, auth=creds or None,
         allowed_paths=served_folders(services.data_dir, ASSETS_DIR), blocked_paths=private_paths(services.data_dir),
         app_kwargs=app_kwargs, ssr_mode=False, show_error=True, footer_links=["settings"], head=HEAD,
+        prevent_thread_lock=True,
     )
+    threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
+    demo.block_thread()
     return 0
+
+
+def warm_up() -> None:
+    """After the page is served: import the heavy libraries (torch, diffusers, transformers) and quiet them,
+    so the first model run does not pay for the imports. A failure here is left to that first run."""
+    from studio.services import quiet_libraries
+
+    try:
+        quiet_libraries()
+    except Exception:  # noqa: BLE001 - the first real use reports any import problem in one sentence
+        pass
 
 
 if __name__ == "__main__":

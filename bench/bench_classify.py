@@ -26,19 +26,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engines.classification import classify as C
+from engines.classification.crops import crop_with_context, resize_rgb
+from engines.classification.prompts import NO_SPELLINGS, YES_SPELLINGS, yesno_question
+from engines.classification.vlm import option_probabilities, save_tiny_vlm
 
 
 def one_by_one_vlm(clf: C.ArtifactClassifier, image, boxes, taxonomy) -> np.ndarray:
     vlm = clf.loaded.model
-    yes_no = vlm.first_tokens([list(C.YES_SPELLINGS), list(C.NO_SPELLINGS)])
+    yes_no = vlm.first_tokens([list(YES_SPELLINGS), list(NO_SPELLINGS)])
     out = []
     with torch.inference_mode():
         for box in boxes:
-            crop = C.crop_with_context(image, box, clf.spec.context)
+            crop = crop_with_context(image, box, clf.spec.context)
             row = []
             for k in range(len(taxonomy)):
-                logp = vlm.next_token_logprobs([vlm.prompt(C.yesno_question(taxonomy, k, "crop"))], [crop])[0]
-                row.append(C.option_probabilities(logp, yes_no)[0])
+                logp = vlm.next_token_logprobs([vlm.prompt(yesno_question(taxonomy, k, "crop"))], [crop])[0]
+                row.append(option_probabilities(logp, yes_no)[0])
             out.append(row)
     return np.array(out)
 
@@ -47,7 +50,7 @@ def one_by_one_head(clf: C.ArtifactClassifier, image, boxes) -> np.ndarray:
     size, out = clf.spec.input_size, []
     with torch.inference_mode():
         for box in boxes:
-            crop = C.resize_rgb(C.crop_with_context(image, box, clf.spec.context), size, size)
+            crop = resize_rgb(crop_with_context(image, box, clf.spec.context), size, size)
             x = torch.from_numpy(np.array(crop)).permute(2, 0, 1)[None].float() / 127.5 - 1
             out.append(torch.sigmoid(clf.loaded.model(x))[0].numpy())
     return np.array(out)
@@ -78,7 +81,7 @@ def main() -> None:
     image = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
     boxes = [tuple(int(v) for v in (x, y, x + 40, y + 40)) for x, y in rng.integers(0, 200, (args.regions, 2))]
     with tempfile.TemporaryDirectory() as tmp:
-        source = args.vlm or str(C.save_tiny_vlm(Path(tmp) / "vlm", hidden_size=64, layers=2))
+        source = args.vlm or str(save_tiny_vlm(Path(tmp) / "vlm", hidden_size=64, layers=2))
         vlm = C.ArtifactClassifier(C.load_classifier(f"vlm:{source}", taxonomy=taxonomy))
         batched = lambda: vlm.classify([image], [boxes], captions=False, batch_size=len(boxes))  # noqa: E731
         one = lambda: one_by_one_vlm(vlm, image, boxes, taxonomy)  # noqa: E731

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engines.corruption.corrupt import PRESETS, CorruptParams, RegionCorruptor, prepare_image, random_blob_mask  # noqa: E402
+from engines.corruption.corrupt import PRESETS, CorruptParams, RegionCorruptor  # noqa: E402
+from engines.corruption.metrics import prepare_image, random_blob_mask  # noqa: E402
 from engines.models import load_text2image  # noqa: E402
 from engines.corruption.renoise import unet_rows  # noqa: E402
 

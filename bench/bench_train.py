@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engines.training.detector import (IGNORE, BalancedSampler, TrainConfig, TrainSample, _step_rng,  # noqa: E402
-                                    _step_seed, build_model, lr_at, make_optimizer, to_tensors, train_detector,
-                                    train_step)
+from engines.training.detector import (IGNORE, BalancedSampler, TrainConfig, TrainSample,  # noqa: E402
+                                    build_model, lr_at, make_optimizer, to_tensors, train_detector, train_step)
+from engines.training.resume import step_rng, step_seed  # noqa: E402
 
 
 def synthetic_set(n: int, size: int, seed: int) -> list[TrainSample]:
@@ -102,7 +102,7 @@ def main() -> None:
         for step in range(n):
             for g in ours_opt.param_groups:
                 g["lr"] = lr_at(cfg, step)
-            with _step_rng(_step_seed(cfg.seed, step), cuda_index):
+            with step_rng(step_seed(cfg.seed, step), cuda_index):
                 float(train_step(model, ours_opt, x, y, cw))
         sync(dev)
         if cpu is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,12 @@ class LoadedModel:
 
 
 def pick_device() -> str:
-    """Return "cuda" if a CUDA GPU is usable, else "mps" on Apple silicon, else "cpu"."""
+    """Return "cuda" if a CUDA GPU is usable, else "mps" on Apple silicon, else "cpu".
+
+    On a machine with no accelerator device at all (no /dev/nvidia*, /dev/kfd or /dev/dxg, not macOS) the
+    answer is "cpu" without importing torch, which keeps start-up and light commands fast."""
+    if not accelerator_possible():
+        return "cpu"
     import torch
 
     if torch.cuda.is_available():
@@ -63,6 +69,15 @@ def pick_device() -> str:
     if mps is not None and mps.is_available():
         return "mps"
     return "cpu"
+
+
+def accelerator_possible() -> bool:
+    """False only where torch cannot see a GPU: Linux without NVIDIA (/dev/nvidia*), ROCm (/dev/kfd) or WSL
+    (/dev/dxg) device nodes. macOS (MPS) and other systems answer True (torch decides)."""
+    if not sys.platform.startswith("linux"):
+        return True
+    dev = Path("/dev")
+    return any(dev.glob("nvidia*")) or (dev / "kfd").exists() or (dev / "dxg").exists()
 
 
 def check_device(device: str) -> str:

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from studio.store.store import JobRecord, Store
+from studio.store.records import JobRecord
+from studio.store.store import Store
 
 JOB_KINDS = ("detector", "region-selector", "lora", "experiment", "classifier", "lora-feedback")
 ONE_PROCESS_KINDS = ("lora", "classifier", "lora-feedback")

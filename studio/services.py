@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from engines.models import DEMO, demo_note
-from studio.store.store import NewImage, Store
+from studio.store.records import NewImage
+from studio.store.store import Store
 from studio.tasks import TaskRegistry, Timings
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -25,12 +26,18 @@ TRAJECTORY_NOTE = ("Experimental, training-free: how much the predicted clean im
                    "denoising steps (after Menn et al., WACV 2025); not a trained detector.")
 
 
-def quiet_libraries() -> None:
+def quiet_libraries(now: bool = True) -> None:
     """Process-wide: no hub/diffusers/transformers progress bars or info logs on the console.
 
-    Called by the composition roots (CLI commands, `serve`), never at import time.
+    Called by the composition roots (CLI commands, `serve`), never at import time. The environment
+    variables act whenever the libraries are first imported; `now=False` stops there (no import: `serve`
+    calls it so before the page is up, then again with `now=True` on a background thread).
     """
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not now:
+        return
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -331,7 +338,7 @@ class Services:
     def use_lora(self, lora_dir: str | None) -> None:
         """Switch the text-to-image model's LoRA on (a folder) or off (None); reloads only on change.
         Call under `gpu_lock` when a generation may be running."""
-        from engines.training.tune import apply_lora
+        from engines.training.lora import apply_lora
 
         lora_dir = (lora_dir or "").strip() or None
         engine = self.text2image()
@@ -398,7 +405,7 @@ class Services:
     def corruption_mask(self, image_id: int, source: str, *, detector: str | None = None, threshold: float = 0.5,
                         seed: int = 0) -> np.ndarray:
         """A region to corrupt, bool[H, W] at the image's size, from one of MASK_SOURCES."""
-        from engines.corruption.corrupt import random_blob_mask
+        from engines.corruption.metrics import random_blob_mask
 
         store = self.store
         image = store.get_image(image_id)
@@ -503,10 +510,10 @@ def default_taxonomy() -> list[dict]:
 
 def fit_pair(rgb: np.ndarray, mask: np.ndarray, max_side: int | None, multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Resize (image Lanczos, mask nearest) so the longer side is at most `max_side`, then centre-crop
-    both to multiples of `multiple` — the same geometry as engines.corruption.corrupt.prepare_image."""
+    both to multiples of `multiple` — the same geometry as engines.corruption.metrics.prepare_image."""
     from PIL import Image
 
-    from engines.corruption.corrupt import prepare_image
+    from engines.corruption.metrics import prepare_image
 
     if mask.shape != rgb.shape[:2]:
         raise ValueError(f"Mask size {mask.shape[::-1]} does not match image size {rgb.shape[1::-1]}.")

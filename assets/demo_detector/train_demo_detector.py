@@ -5,7 +5,7 @@
 1. Data, made by the studio itself. Every photo of assets/demo_photos.json is cut into 128 px square
    views: its centred square and random squares of 60-100% of its shorter side, each mirrored or
    rotated by one of the 8 square symmetries. Each view gets random-blob regions
-   (`engines.corruption.corrupt.random_blob_mask`) and is corrupted inside them by
+   (`engines.corruption.metrics.random_blob_mask`) and is corrupted inside them by
    `engines.corruption.corrupt.RegionCorruptor` over the demo text-to-image model with the paper's *direct
    corruption* (`method="direct"`, its Table 4 baseline: pure N(0, 1) substituted in the image latent
    inside the region, decoded by the VAE without resampling). The corrupted latent cells are the
@@ -123,7 +123,8 @@ def photo_views(entry: dict, views: int, seed: int) -> list[tuple[str, np.ndarra
 def corrupted_views(corruptor, entry: dict, views: int, masks: int, seed: int, method: str = "direct",
                     prompt: str = "") -> list[Sample]:
     """Samples of one photo: per view the view and its VAE round trip (negatives) and `masks` corruptions."""
-    from engines.corruption.corrupt import CorruptParams, random_blob_mask
+    from engines.corruption.corrupt import CorruptParams
+    from engines.corruption.metrics import random_blob_mask
 
     rng = np.random.default_rng([seed, _stable(entry["name"]), 2])
     empty = np.zeros((SIZE, SIZE), bool)
@@ -158,7 +159,8 @@ def visibility(corruptor, seed: int = 0) -> dict:
     """Mean absolute change (0-255) of a corruption against the same image uncorrupted (the cached
     uncorrupted resample for the main method, the VAE round trip for "direct"), inside / outside the
     region: one blob per photo on its centred square, and on a mirrored/rotated random square."""
-    from engines.corruption.corrupt import CorruptParams, random_blob_mask
+    from engines.corruption.corrupt import CorruptParams
+    from engines.corruption.metrics import random_blob_mask
 
     rows: dict[str, list] = {}
     for entry in photo_catalogue():

@@ -33,23 +33,25 @@ names the outlined region. Real models run in bfloat16 (float16 where bf16 is un
 The head family classifies crops (the region with context, or the whole image) resized to
 `input_size` with a small CNN (`CropNet`) and a sigmoid per class; its captions are a sentence built from
 the class name and the region's place in the image (a head does not write text; it says so).
+
+Siblings it imports: `prompts` (the template), `crops` (regions), `vlm` (the VLM wrapper, option scoring).
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from engines.models import (DEMO, LoadedModel, ModelNotFoundError, bytes_to_unicode, first_line, local_folder,
-                            remove_tree)
+from engines.classification.crops import BBox, check_bbox, crop_with_context, draw_box, place_phrase, resize_rgb
+from engines.classification.prompts import (ANSWER_PREFIX, LETTERS, NO_SPELLINGS, YES_SPELLINGS, build_question,
+                                            caption_prefix, check_taxonomy, cut_caption, yesno_question)
+from engines.classification.vlm import Vlm, option_probabilities
+from engines.models import DEMO, LoadedModel, ModelNotFoundError, first_line, local_folder, remove_tree
 from engines.progress import Cancelled, ProgressFn, StopFn
-
-BBox = tuple[int, int, int, int]
 
 CLASSIFIER_CONFIG = "classifier.json"
 CLASSIFIER_WEIGHTS = "model.safetensors"
@@ -59,11 +61,6 @@ DEMO_NOTE = ("Demo classifier: a tiny CNN trained on public-domain photos with p
              "diffusion-model artifacts, and 3 of the 13 classes had no training examples.")
 SCORINGS = ("yesno", "letter")
 REGION_MODES = ("crop", "box")
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-YES_SPELLINGS = ("yes", " yes", "Yes", " Yes")
-NO_SPELLINGS = ("no", " no", "No", " No")
-ANSWER_PREFIX = '{"artifacts": [{"option": "'
-SHARED_PREFIX_TYPES = ("llava", "llava_next", "idefics3", "smolvlm")
 
 
 @dataclass(frozen=True)
@@ -133,166 +130,7 @@ class ClassifierSpec:
 
 
 # ----------------------------------------------------------------------------------------------
-# The question-answer template (SynArtifact), built from a taxonomy
-
-
-def check_taxonomy(taxonomy) -> list[dict]:
-    """[{"name", "definition"}] with unique non-empty names, at most 26 classes (one letter each)."""
-    if not isinstance(taxonomy, (list, tuple)) or not taxonomy:
-        raise ValueError("A taxonomy must be a non-empty list of classes, each a dict with a 'name'.")
-    out = []
-    for c in taxonomy:
-        name = c.get("name") if isinstance(c, dict) else None
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError("Every taxonomy class needs a non-empty 'name'.")
-        out.append({"name": name.strip(), "definition": str(c.get("definition") or "").strip()})
-    names = [c["name"] for c in out]
-    if len(set(names)) != len(names):
-        raise ValueError("Taxonomy class names must be unique.")
-    if len(out) > len(LETTERS):
-        raise ValueError(f"The VLM template gives each class a letter; a taxonomy can have at most {len(LETTERS)} classes.")
-    return out
-
-
-def build_question(taxonomy, region: str | None = None) -> str:
-    """SynArtifact's question: the task, the options with their explanations, the reference answer format.
-
-    `region`: None for a whole image, "crop" for a region shown as a crop, "box" for a region outlined in red.
-    """
-    classes = check_taxonomy(taxonomy)
-    subject = {None: "This image was made by a text-to-image model.",
-               "crop": "This image is a crop around one region of an image made by a text-to-image model.",
-               "box": "This image was made by a text-to-image model; one region is outlined with a red box."}[region]
-    where = "the outlined region" if region == "box" else "the image"
-    lines = [subject, f"Which of these artifact types does {where} show? Options:"]
-    for letter, c in zip(LETTERS, classes):
-        lines.append(f"{letter}. {c['name']}: {c['definition']}" if c["definition"] else f"{letter}. {c['name']}")
-    example = json.dumps({"artifacts": [{"option": "A", "class": classes[0]["name"],
-                                         "caption": "where the artifact is and what is wrong"}], "other": "none"})
-    lines.append(f"Answer in JSON like this reference answer: {example}. List every artifact you see with its "
-                 "option letter, class and a short caption; put artifacts that fit no option in \"other\"; answer "
-                 '{"artifacts": [], "other": "none"} when there is none.')
-    return "\n".join(lines)
-
-
-def yesno_question(taxonomy, index: int, region: str | None = None) -> str:
-    """The template plus one yes/no question about option `index`."""
-    classes = check_taxonomy(taxonomy)
-    where = "the outlined region" if region == "box" else "the image"
-    return (build_question(classes, region) + f"\nQuestion: does {where} show option {LETTERS[index]} "
-            f"({classes[index]['name']})? Answer yes or no.")
-
-
-def render_answer(taxonomy, artifacts: Sequence[tuple[str, str | None]], other: str = "none") -> str:
-    """The reference-format answer for (class name, caption) pairs; classes outside the taxonomy go to "other"."""
-    classes = check_taxonomy(taxonomy)
-    letter_of = {c["name"]: LETTERS[i] for i, c in enumerate(classes)}
-    items, extra = [], []
-    for name, caption in artifacts:
-        caption = " ".join(str(caption or "").split()) or (name or "an artifact")
-        if name in letter_of:
-            items.append({"option": letter_of[name], "class": name, "caption": caption})
-        else:
-            extra.append(caption)
-    return json.dumps({"artifacts": items, "other": "; ".join(extra) if extra else other})
-
-
-def parse_answer(text: str, taxonomy) -> list[tuple[str, str]]:
-    """(class name, caption) pairs from a model's answer in the reference format.
-
-    Tolerant: the first JSON object in the text is read; an item is matched by its option letter, else by
-    its class name (case-insensitive); unknown items are dropped. Text that is not JSON gives []."""
-    classes = check_taxonomy(taxonomy)
-    by_letter = {LETTERS[i]: c["name"] for i, c in enumerate(classes)}
-    by_name = {c["name"].lower(): c["name"] for c in classes}
-    start = text.find("{")
-    if start < 0:
-        return []
-    try:
-        data, _ = json.JSONDecoder().raw_decode(text[start:])
-    except ValueError:
-        return []
-    items = data.get("artifacts", []) if isinstance(data, dict) else []
-    out = []
-    for item in items if isinstance(items, list) else []:
-        if not isinstance(item, dict):
-            continue
-        option = str(item.get("option", "")).strip().upper()[:1]
-        name = by_letter.get(option) or by_name.get(str(item.get("class", "")).strip().lower())
-        if name is not None:
-            out.append((name, str(item.get("caption", "") or "").strip()))
-    return out
-
-
-def caption_prefix(taxonomy, index: int) -> str:
-    """The reference answer started up to the caption of option `index` (its caption is generated from here)."""
-    classes = check_taxonomy(taxonomy)
-    return ANSWER_PREFIX + f'{LETTERS[index]}", "class": {json.dumps(classes[index]["name"])}, "caption": "'
-
-
-def _cut_caption(text: str) -> str:
-    """The generated caption up to its closing (unescaped) quote, whitespace collapsed."""
-    match = re.search(r'(?<!\\)"', text)
-    caption = text[:match.start()] if match else text
-    return " ".join(caption.replace('\\"', '"').split())
-
-
-# ----------------------------------------------------------------------------------------------
-# Regions
-
-
-def crop_with_context(image: np.ndarray, bbox: BBox, context: float = 0.5, min_side: int = 32) -> np.ndarray:
-    """The bbox grown by `context` x its width/height on each side (at least `min_side` px), clamped."""
-    h, w = image.shape[:2]
-    x0, y0, x1, y1 = _check_bbox(bbox, w, h)
-    (left, right), (top, bottom) = _grow(x1 - x0 + 1, context, min_side), _grow(y1 - y0 + 1, context, min_side)
-    return image[max(0, y0 - top):min(h, y1 + bottom + 1), max(0, x0 - left):min(w, x1 + right + 1)]
-
-
-def _grow(size: int, context: float, min_side: int) -> tuple[int, int]:
-    """Pixels to add before and after a span of `size`: context x size each, or up to `min_side` in total."""
-    grow = int(round(size * context))
-    if size + 2 * grow >= min_side:
-        return grow, grow
-    extra = min_side - size
-    return extra // 2, extra - extra // 2
-
-
-def draw_box(image: np.ndarray, bbox: BBox, width: int | None = None) -> np.ndarray:
-    """A copy of the image with the bbox outlined in red (line width ~0.5% of the image, at least 2 px)."""
-    h, w = image.shape[:2]
-    x0, y0, x1, y1 = _check_bbox(bbox, w, h)
-    t = width or max(2, round(0.005 * max(h, w)))
-    out = image.copy()
-    red = np.array([255, 0, 0], np.uint8)
-    out[y0:min(y0 + t, y1 + 1), x0:x1 + 1] = red
-    out[max(y1 - t + 1, y0):y1 + 1, x0:x1 + 1] = red
-    out[y0:y1 + 1, x0:min(x0 + t, x1 + 1)] = red
-    out[y0:y1 + 1, max(x1 - t + 1, x0):x1 + 1] = red
-    return out
-
-
-def place_phrase(bbox: BBox | None, width: int, height: int) -> str:
-    """Where a bbox sits: "in the image" for None, else e.g. "at the upper left" / "in the centre"."""
-    if bbox is None:
-        return "in the image"
-    cx = (bbox[0] + bbox[2]) / 2 / max(width - 1, 1)
-    cy = (bbox[1] + bbox[3]) / 2 / max(height - 1, 1)
-    vertical = "upper " if cy < 1 / 3 else "lower " if cy > 2 / 3 else ""
-    horizontal = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else ""
-    if not vertical and not horizontal:
-        return "in the centre"
-    return f"at the {(vertical + horizontal).strip() or 'middle'}" if horizontal else f"in the {vertical.strip()} middle"
-
-
-def _check_bbox(bbox, w: int, h: int) -> BBox:
-    try:
-        x0, y0, x1, y1 = (int(v) for v in bbox)
-    except (TypeError, ValueError):
-        raise ValueError(f"A region must be a bbox (x0, y0, x1, y1) of whole pixel indices, got {bbox!r}.") from None
-    if not (0 <= x0 <= x1 < w and 0 <= y0 <= y1 < h):
-        raise ValueError(f"Region bbox {(x0, y0, x1, y1)} is outside the {w}x{h} image (inclusive indices, x0 <= x1).")
-    return x0, y0, x1, y1
+# The classifier
 
 
 def _items(images: Sequence[np.ndarray], regions) -> list[tuple[int, BBox | None]]:
@@ -307,12 +145,8 @@ def _items(images: Sequence[np.ndarray], regions) -> list[tuple[int, BBox | None
     items = []
     for i, (img, boxes) in enumerate(zip(images, regions)):
         for box in boxes:
-            items.append((i, _check_bbox(box, img.shape[1], img.shape[0])))
+            items.append((i, check_bbox(box, img.shape[1], img.shape[0])))
     return items
-
-
-# ----------------------------------------------------------------------------------------------
-# The classifier
 
 
 class ArtifactClassifier:
@@ -384,11 +218,11 @@ class ArtifactClassifier:
         image = images[index]
         if self.spec.family == "head":
             return f"{classes[i]['name']} {place_phrase(bbox, image.shape[1], image.shape[0])} (head classifier; no free-text caption)."
-        vlm: _Vlm = self.loaded.model
+        vlm: Vlm = self.loaded.model
         picture = self._view(image, bbox)
         prompt = vlm.prompt(build_question(classes, self._region(bbox))) + caption_prefix(classes, i)
         text = vlm.generate([prompt], [picture], self.spec.max_caption_tokens)[0]
-        return _cut_caption(text)
+        return cut_caption(text)
 
     # -------------------------------------------------------------- head
     def _head_scores(self, images, chunk, classes) -> list[np.ndarray]:
@@ -413,7 +247,7 @@ class ArtifactClassifier:
         return draw_box(image, bbox)
 
     def _vlm_scores(self, images, chunk, classes) -> list[np.ndarray]:
-        vlm: _Vlm = self.loaded.model
+        vlm: Vlm = self.loaded.model
         if self.spec.scoring == "letter":
             prompts = [vlm.prompt(build_question(classes, self._region(b))) + ANSWER_PREFIX for _, b in chunk]
             pictures = [self._view(images[i], b) for i, b in chunk]
@@ -439,143 +273,9 @@ class ArtifactClassifier:
         return list(probs.reshape(len(chunk), len(classes)))
 
 
-def option_probabilities(logprobs, token_groups: list[list[int]]) -> list[float]:
-    """Normalised probability of each option from next-token log-probabilities: an option's mass is the
-    sum of exp(logprob) over its token ids; the masses are divided by their total."""
-    import torch
-
-    row = torch.as_tensor(logprobs, dtype=torch.float32)
-    mass = torch.stack([torch.logsumexp(row[list(ids)], dim=0) for ids in token_groups])
-    return torch.softmax(mass, dim=0).tolist()
-
-
 def _stop(should_stop: StopFn | None) -> None:
     if should_stop is not None and should_stop():
         raise Cancelled("Stopped; nothing was classified after the stop.")
-
-
-def resize_rgb(image: np.ndarray, w: int, h: int) -> np.ndarray:
-    from PIL import Image
-
-    if image.shape[:2] == (h, w):
-        return np.ascontiguousarray(image)
-    return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((w, h), Image.BILINEAR))
-
-
-# ----------------------------------------------------------------------------------------------
-# The VLM wrapper: prompt formatting, batched next-token log-probabilities, generation
-
-
-class _Vlm:
-    """An image-text-to-text model and its processor (left padding), with the three things we ask of it."""
-
-    def __init__(self, model, processor, device: str):
-        self.model, self.processor, self.device = model, processor, device
-        self.tokenizer = getattr(processor, "tokenizer", None)
-        if self.tokenizer is None:
-            raise ValueError("The model's processor has no tokenizer; it cannot be prompted.")
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        if not getattr(processor, "chat_template", None) and not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("The model's processor has no chat template, so the question cannot be formatted for it.")
-        self._first: dict = {}
-        self.prefix_cache = True  # False: every yes/no question runs in full (a check and a benchmark baseline)
-        import inspect
-
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._cache_arg = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
-
-    def prompt(self, question: str) -> str:
-        """The chat-formatted user turn (one image, then the question) with the assistant turn opened."""
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
-
-    def conversation(self, question: str, answer: str) -> tuple[str, str]:
-        """(prompt, prompt + answer + end-of-turn) for training: the answer tokens are the label."""
-        prompt = self.prompt(question)
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
-                        {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
-        full = self.processor.apply_chat_template(conversation, add_generation_prompt=False)
-        if not full.startswith(prompt):  # templates that render the assistant turn differently: append by hand
-            full = prompt + answer + (self.tokenizer.eos_token or "")
-        return prompt, full
-
-    def inputs(self, texts: list[str], pictures: list[np.ndarray]):
-        from PIL import Image
-
-        batch = self.processor(text=texts, images=[Image.fromarray(np.ascontiguousarray(p)) for p in pictures],
-                               return_tensors="pt", padding=True)
-        dtype = next(self.model.parameters()).dtype
-        return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) for k, v in batch.items()}
-
-    def next_token_logprobs(self, prompts: list[str], pictures: list[np.ndarray]):
-        """log-softmax of the next-token logits after each prompt (left padding: the last position)."""
-        import torch
-
-        logits = self.model(**self.inputs(prompts, pictures)).logits[:, -1, :]
-        return torch.log_softmax(logits.float(), dim=-1).cpu()
-
-    @property
-    def shared_prefix(self) -> bool:
-        """Whether the yes/no questions of one picture may share the KV cache of their common prefix (model
-        types whose positions follow the cache; Qwen2-VL's M-RoPE and PaliGemma's prefix attention do not)."""
-        inner = getattr(self.model, "base_model", self.model)
-        config = getattr(getattr(inner, "model", inner), "config", None) or getattr(self.model, "config", None)
-        return getattr(config, "model_type", "") in SHARED_PREFIX_TYPES and self.prefix_cache
-
-    def shared_prefix_logprobs(self, prompts: list[str], picture: np.ndarray):
-        """Next-token log-softmax after each prompt, all about one picture: the prompts' common token prefix
-        (question, options, image) runs once with a KV cache, then the differing tails run as one right-padded
-        batch on copies of that cache. Equal to `next_token_logprobs(prompts, [picture] * n)`."""
-        import torch
-
-        n = len(prompts)
-        inputs = self.inputs(prompts, [picture] * n)
-        ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
-        rows = [ids[i][mask[i]] for i in range(n)]
-        shortest = min(len(r) for r in rows)
-        same = (torch.stack([r[:shortest - 1] for r in rows]) == rows[0][:shortest - 1]).all(dim=0)
-        common = int(same.long().cumprod(0).sum())
-        extra = {k: v[:1] for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "token_type_ids")}
-        prefix = rows[0][:common][None]
-        out = self.model(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True, **extra)
-        cache = getattr(out, "cache", None) or out.past_key_values
-        cache.batch_repeat_interleave(n)
-        tails = [r[common:] for r in rows]
-        width = max(len(t) for t in tails)
-        tail_ids = torch.full((n, width), int(self.tokenizer.pad_token_id), dtype=ids.dtype, device=ids.device)
-        tail_mask = torch.zeros((n, width), dtype=torch.long, device=ids.device)
-        for i, t in enumerate(tails):
-            tail_ids[i, :len(t)] = t
-            tail_mask[i, :len(t)] = 1
-        attention = torch.cat([torch.ones((n, common), dtype=torch.long, device=ids.device), tail_mask], dim=1)
-        logits = self.model(input_ids=tail_ids, attention_mask=attention, use_cache=True, **{self._cache_arg: cache},
-                            cache_position=torch.arange(common, common + width, device=ids.device)).logits
-        last = tail_mask.sum(dim=1) - 1
-        return torch.log_softmax(logits[torch.arange(n), last].float(), dim=-1).cpu()
-
-    def first_tokens(self, groups: list[list[str]]) -> list[list[int]]:
-        """The first token id of each spelling, per group; ids shared between groups are dropped."""
-        key = tuple(tuple(g) for g in groups)
-        if key not in self._first:
-            ids = [{self._first_id(s) for s in g} - {None} for g in groups]
-            shared = set().union(*[a & b for n, a in enumerate(ids) for b in ids[n + 1:]])
-            clean = [sorted(g - shared) for g in ids]
-            if any(not g for g in clean):
-                raise ValueError("The tokenizer cannot tell the answer options apart by their first token.")
-            self._first[key] = clean
-        return self._first[key]
-
-    def _first_id(self, text: str) -> int | None:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        return int(ids[0]) if ids else None
-
-    def generate(self, prompts: list[str], pictures: list[np.ndarray], max_new_tokens: int) -> list[str]:
-        inputs = self.inputs(prompts, pictures)
-        out = self.model.generate(**inputs, max_new_tokens=int(max_new_tokens), do_sample=False,
-                                  pad_token_id=self.tokenizer.pad_token_id)
-        return self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -787,7 +487,7 @@ def _load_vlm(source: str, opts: dict, device: str, taxonomy, model_id: str, loc
     model = model.to(device).eval()
     classes = tuple(check_taxonomy(taxonomy)) if taxonomy else ()
     cspec = _apply(ClassifierSpec(family="vlm", classes=classes, note="" if not lora else f"LoRA: {lora}"), opts)
-    return LoadedModel(model=_Vlm(model, processor, device), kind="classifier", model_id=model_id,
+    return LoadedModel(model=Vlm(model, processor, device), kind="classifier", model_id=model_id,
                        path=str(folder) if folder else None, is_demo=False, device=device, note=cspec.note, extra=cspec)
 
 
@@ -817,53 +517,3 @@ def _apply(spec: ClassifierSpec, opts: dict) -> ClassifierSpec:
     new = replace(spec, **changes)
     new.validate()
     return new
-
-
-# ----------------------------------------------------------------------------------------------
-# A tiny real VLM for tests and benchmarks
-
-
-TINY_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
-                      "<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% if m['role'] == 'assistant' %}</s>"
-                      "{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
-
-
-def save_tiny_vlm(folder: str | os.PathLike, seed: int = 0, *, hidden_size: int = 32, layers: int = 2,
-                  image_size: int = 32) -> Path:
-    """Write a tiny LLaVA (CLIP vision tower + Llama language model, random weights from `seed`) with a
-    byte-level BPE tokenizer built offline and a plain chat template, loadable with
-    AutoModelForImageTextToText / AutoProcessor. ~45k parameters at the defaults."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
-
-    specials = ["<pad>", "<s>", "</s>", "<image>"]
-    vocab = {s: i for i, s in enumerate(specials)}
-    for ch in bytes_to_unicode().values():
-        vocab.setdefault(ch, len(vocab))
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        additional_special_tokens=["<image>"])
-    patch = max(4, image_size // 4)
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=image_size, patch_size=patch, projection_dim=16)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=8192, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=3, vision_feature_layer=-1,
-                         vision_feature_select_strategy="full")
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
-                                           crop_size={"height": image_size, "width": image_size}),
-        tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="full", num_additional_image_tokens=1,
-        chat_template=TINY_CHAT_TEMPLATE)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder

@@ -3,37 +3,20 @@
 Invert a clean image part of the way, corrupt the latent inside a region, resample to t = 0: the
 region becomes a free pixel-level label. `RegionCorruptor(loaded)` wraps a Stable-Diffusion-style
 text-to-image pipeline (one text encoder, epsilon or v prediction); `invert` is the expensive,
-cached step, `corrupt` / `preview` are the cheap calls made many times per image.
+cached step, `corrupt` / `preview` are the cheap calls made many times per image. This module owns
+the request (`CorruptParams`), the corruption and its baselines, and the result; siblings:
+inversion.py (the schedule, DDIM / ReNoise inversion, resampling, the inversion cache:
+`LatentInverter`, which `RegionCorruptor` extends), metrics.py (masks and measurements),
+renoise.py (one ReNoise step).
 
-The schedule. The DDIM schedule of the pipeline's scheduler config, `DDIMScheduler.set_timesteps(N)`:
-sampling timesteps T[0] > ... > T[N-1]; the state after the last step is the clean latent, whose
-alpha is the scheduler's `final_alpha_cumprod`. The state before sampling step i has timestep T[i];
-a DDIM step (eta 0) from T[i] goes to T[i+1] (to the clean state after T[N-1]); this is exactly
-`DDIMScheduler.step` for "leading" spacing (SD 1.x/2.x; other spacings get this consistent list
-schedule), without clipping x0 (SD configs turn clip_sample off). Inversion runs the same steps
-backwards.
-
-1. Inversion of z0 = vae.encode(image).latent_dist.mean * scaling_factor (the mean, not a sample,
-   so the same pixels always give the same z0; the ReNoise reference samples), with the prompt's
-   embedding (the image's caption if known, else ""). By default the inversion uses the conditional
-   prediction only (`inversion_guidance_scale` 1.0, as the reference's guidance_scale 0.0; above 1,
-   classifier-free guidance with `negative_prompt`). The k lowest-noise steps are inverted, giving
-   z_t at t = T[N-k] ("corrupt at step N-k": N=50, k=10 -> step 40 of the sampling loop); k is
-   `inversion_steps` for the proposed method and `baseline_steps` (20) for the resampled baselines.
-   Every inverted step feeds the UNet the step's TARGET timestep (the noisier one), as diffusers'
-   DDIMInverseScheduler and ReNoise do; the clean z0 has no timestep of its own.
-   - "ddim": plain DDIM inversion, z' = inverse_step(z, eps(z, t')).
-   - "renoise" (Garibi et al. 2024): the official implementation's step for SD + DDIM, described and
-     implemented in engines/corruption/renoise.py: renoise iterations re-estimate eps at the next latent; for
-     timesteps below 250 the average covers the first DDIM estimate and the renoise ones
-     (`average_first_step_range` (0, 5)), above it `average_step_range` (8, 10); noise
-     regularisation (patch KL to eps(z0), weight lambda_kl 0.065, and autocorrelation over 5 random
-     rolls, weight lambda_ac 20, 4 rounds) is applied in the reference's order. The rolls use a
-     fixed seed (0), so an inversion is a pure function of its cache key.
-   `preset` names the ReNoise settings and is recorded with every result: "renoise-sd" (default:
-   the reference's SD configuration, src/config.py + examples/inversion_example_sd.py, 1 renoise
-   iteration, regularisation on), "renoise-fast" (the same with regularisation off: interactive
-   previews) or "custom" (any values; the named presets refuse settings that differ from them).
+1. Inversion (engines/corruption/inversion.py describes the schedule, both methods and the cache).
+   The k lowest-noise steps of the DDIM schedule are inverted, giving z_t at t = T[N-k] ("corrupt
+   at step N-k": N=50, k=10 -> step 40 of the sampling loop); k is `inversion_steps` for the
+   proposed method and `baseline_steps` (20) for the resampled baselines. "ddim" is plain DDIM
+   inversion, "renoise" (default) the ReNoise reference's step. `preset` names the ReNoise settings
+   and is recorded with every result: "renoise-sd" (default: the reference's SD configuration),
+   "renoise-fast" (regularisation off: interactive previews) or "custom" (any values; the named
+   presets refuse settings that differ from them).
 2. Region corruption (paper eq. 3-5). The pixel mask bool[H, W] becomes a latent mask m bool[h, w]
    (h = H/8, w = W/8) by `mask_mode` (see `latent_mask`): "area" (default; a cell is corrupted when
    at least half of its 8x8 pixels are), "nearest" (the pixel at the cell centre), "any" (any pixel
@@ -66,17 +49,10 @@ backwards.
                image latent z0 inside m, NO resampling, decoded in one VAE pass (0 UNet calls);
    "direct-noised"  the studio's earlier variant: z0 with the eq. 3-5 noised latent (at T[N-k])
                inside m, decoded without resampling.
-4. Inversion cache. An inversion is keyed by sha256 over (image shape + pixels, model key, prompt,
-   N, the inverted steps, inversion method, every ReNoise setting, inversion guidance and its
-   negative prompt, dtype); the model key hashes the model id, the scheduler config and a strided
-   sample of every UNet, VAE and text-encoder weight tensor, taken when the corruptor is made (make
-   a new corruptor after changing weights in place). Entries live in an LRU in memory (25, as
-   ReNoise's demo) and, with `cache_dir`, on disk as `<cache_dir>/<key>.safetensors` (z0, z_t;
-   written to a temporary sibling and renamed; an unreadable or mismatching file is recomputed;
-   never size-limited). The uncorrupted resample of an inversion (z_t resampled with the request's
-   guidance and negative prompt, decoded) is cached beside it, in memory and as
-   `<key>.resample-<rkey>.safetensors`. Another mask, seed or baseline sharing a cached inversion
-   costs only the resampling: its steps x (2 if guidance_scale > 1) UNet evaluations per seed.
+4. Inversion cache (engines/corruption/inversion.py). Inversions are cached in memory and, with
+   `cache_dir`, on disk, keyed by everything they depend on; the uncorrupted resample of an
+   inversion is cached beside it. Another mask, seed or baseline sharing a cached inversion costs
+   only the resampling: its steps x (2 if guidance_scale > 1) UNet evaluations per seed.
 5. Measurements. `measure` gives the mean absolute pixel change (0-255, over pixels and channels)
    inside and outside a mask and confinement = inside / outside (higher = the change stays in the
    region; outside == 0 gives inf, or 1.0 when nothing changed at all). Every result is measured
@@ -95,48 +71,34 @@ Nothing happens at import time; torch is imported lazily.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 import time
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from engines.generation.generate import Cancelled, to_uint8
-from engines.images import as_rgb, image_digest
-from engines.models import LoadedModel
+from engines.images import as_rgb
+from engines.corruption.inversion import Inversion, LatentInverter, ProgressFn, StopFn, Steps
+from engines.corruption.metrics import MASK_MODES, check_mask, label_mask, latent_mask, mask_iou, measure
 from engines.corruption.renoise import PRESETS as RENOISE_PRESETS
-from engines.corruption.renoise import RENOISE_FIELDS, RENOISE_SD, inverse_step, regularise_noise, regularised, renoise_step
+from engines.corruption.renoise import RENOISE_FIELDS, RENOISE_SD, regularised
 
 __all__ = [
-    "BASELINES", "CACHE_FORMAT", "Cancelled", "ChangeStats", "CorruptParams", "CorruptionResult",
-    "DIRECT_METHODS", "INVERSION_METHODS", "Inversion", "LABEL_MODES", "MASK_MODES", "METHODS", "PRESETS",
-    "RESAMPLED_BASELINES", "RegionCorruptor", "blur_latent", "corrupted_latent", "image_digest",
-    "label_mask", "latent_mask", "mask_iou", "measure", "prepare_image", "random_blob_mask", "regularise_noise",
+    "BASELINES", "CorruptParams", "CorruptionResult", "DIRECT_METHODS", "INVERSION_METHODS", "LABEL_MODES",
+    "METHODS", "PRESETS", "RESAMPLED_BASELINES", "RegionCorruptor", "blur_latent", "corrupted_latent",
     "seeded_noise",
 ]
-
-ProgressFn = Callable[[int, int], None]
-StopFn = Callable[[], bool]
 
 INVERSION_METHODS = ("renoise", "ddim")
 RESAMPLED_BASELINES = ("blur", "rotate", "gaussian", "downscale")
 DIRECT_METHODS = ("direct", "direct-noised")
 BASELINES = RESAMPLED_BASELINES + DIRECT_METHODS
 METHODS = INVERSION_METHODS + BASELINES
-MASK_MODES = ("area", "nearest", "any")
 LABEL_MODES = ("corrupted", "requested")
 PRESETS = (*RENOISE_PRESETS, "custom")
 MAX_SEED = 2**32 - 1
 MAX_SEEDS = 16
-CACHE_FORMAT = "artifact-studio-inversion-v2"
-DEFAULT_MEMORY_ENTRIES = 25
-REG_SEED = 0  # fixed seed of the regularisation's random rolls
 PAPER_BASELINE_STEPS = 20  # the paper corrupts its baselines at step N-20 and resamples 20 steps
 
 
@@ -262,36 +224,6 @@ class CorruptParams:
 
 
 @dataclass(frozen=True, eq=False)
-class Inversion:
-    """An inverted image: z0 and z_t (float32 [1, C, h, w] on the model's device) at `timestep`.
-
-    `timesteps` are the sampling timesteps still to run from z_t (T[N-k:]); `alpha_t` is abar at
-    `timestep`; `unet_calls` is what computing it cost; `source` is "computed", "memory" or "disk".
-    """
-
-    key: str
-    z0: Any
-    zt: Any
-    timestep: int
-    step_index: int  # N - k
-    timesteps: tuple[int, ...]
-    alpha_t: float
-    image_size: tuple[int, int]  # (H, W) of the pixels
-    method: str
-    unet_calls: int
-    source: str = "computed"
-
-
-@dataclass(frozen=True)
-class ChangeStats:
-    """Mean absolute pixel change (0-255) inside / outside a mask; confinement = inside / outside."""
-
-    inside: float
-    outside: float
-    confinement: float
-
-
-@dataclass(frozen=True, eq=False)
 class CorruptionResult:
     """A corrupted image (RGB uint8 HWC, input size) and its free label `mask` (bool[H, W]).
 
@@ -329,126 +261,6 @@ class CorruptionResult:
                 "inside_change_vs_resample": self.inside_change_vs_resample,
                 "outside_change_vs_resample": self.outside_change_vs_resample,
                 "confinement_vs_resample": self.confinement_vs_resample}
-
-
-# ----------------------------------------------------------------------------------------------
-# Masks, images, measurements (numpy only)
-
-def latent_mask(mask: np.ndarray, mode: str = "area", factor: int = 8) -> np.ndarray:
-    """Pixel mask bool[H, W] -> latent-grid mask bool[H/factor, W/factor].
-
-    "area": area-average each factor x factor cell; corrupted when the covered fraction is >= 0.5.
-    "nearest": the pixel at the cell centre (row factor*i + factor//2, same for columns).
-    "any": corrupted when any pixel of the cell is.
-    """
-    mask = _check_mask(mask)
-    height, width = mask.shape
-    if height % factor or width % factor:
-        raise ValueError(f"The mask is {width}x{height}; its sides must be multiples of {factor}.")
-    if mode not in MASK_MODES:
-        raise ValueError(f"Unknown mask_mode '{mode}'; use one of {', '.join(MASK_MODES)}.")
-    if mode == "nearest":
-        return np.ascontiguousarray(mask[factor // 2::factor, factor // 2::factor])
-    cells = mask.reshape(height // factor, factor, width // factor, factor)
-    if mode == "any":
-        return cells.any(axis=(1, 3))
-    return cells.mean(axis=(1, 3), dtype=np.float64) >= 0.5
-
-
-def label_mask(cells: np.ndarray, factor: int = 8) -> np.ndarray:
-    """Latent-grid mask bool[h, w] -> the pixels it covers, bool[h*factor, w*factor] (cell -> factor x factor)."""
-    cells = np.asarray(cells, dtype=bool)
-    return np.ascontiguousarray(np.repeat(np.repeat(cells, factor, axis=0), factor, axis=1))
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """|a & b| / |a | b| of two bool masks of one shape (1.0 when both are empty)."""
-    union = int(np.logical_or(a, b).sum())
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum()) / union
-
-
-def measure(original: np.ndarray, corrupted: np.ndarray, mask: np.ndarray) -> ChangeStats:
-    """Mean absolute change (0-255 scale, over pixels and channels) inside and outside `mask`.
-
-    confinement = inside / outside; when nothing changed outside it is inf (or 1.0 if nothing
-    changed anywhere). A side with no pixels counts as 0 change.
-    """
-    original, corrupted, mask = as_rgb(original), as_rgb(corrupted), _check_mask(mask)
-    if original.shape != corrupted.shape or original.shape[:2] != mask.shape:
-        raise ValueError(f"Shapes differ: original {original.shape}, corrupted {corrupted.shape}, mask {mask.shape}.")
-    diff = np.abs(original.astype(np.int16) - corrupted.astype(np.int16)).mean(axis=2, dtype=np.float64)
-    inside = float(diff[mask].mean()) if mask.any() else 0.0
-    outside = float(diff[~mask].mean()) if (~mask).any() else 0.0
-    if outside > 0:
-        confinement = inside / outside
-    else:
-        confinement = math.inf if inside > 0 else 1.0
-    return ChangeStats(inside=inside, outside=outside, confinement=confinement)
-
-
-def random_blob_mask(height: int, width: int, seed: int, coverage: tuple[float, float] = (0.02, 0.15)) -> np.ndarray:
-    """Random smooth blobs covering a fraction of the image drawn uniformly from `coverage`.
-
-    One to three anisotropic Gaussian bumps plus a little smooth noise, thresholded at the
-    quantile that gives the drawn coverage (exact up to ties). Same arguments, same mask.
-    """
-    lo, hi = float(coverage[0]), float(coverage[1])
-    if not (0.0 < lo <= hi < 1.0):
-        raise ValueError(f"coverage must satisfy 0 < low <= high < 1, got {coverage}.")
-    if height < 1 or width < 1:
-        raise ValueError(f"The mask size must be positive, got {width}x{height}.")
-    rng = np.random.default_rng(int(seed))
-    target = rng.uniform(lo, hi)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
-    yy, xx = yy / max(height, width), xx / max(height, width)
-    field = np.zeros((height, width))
-    for _ in range(int(rng.integers(1, 4))):
-        cy, cx = rng.uniform(0.15, 0.85) * height / max(height, width), rng.uniform(0.15, 0.85) * width / max(height, width)
-        sy, sx = rng.uniform(0.05, 0.2, size=2)
-        field += rng.uniform(0.6, 1.0) * np.exp(-((yy - cy) ** 2 / (2 * sy**2) + (xx - cx) ** 2 / (2 * sx**2)))
-    coarse = rng.standard_normal((max(2, height // 16), max(2, width // 16)))
-    field += 0.1 * _resize_float(coarse, height, width)
-    threshold = np.quantile(field, 1.0 - target)
-    mask = field > threshold
-    if not mask.any():
-        mask[np.unravel_index(int(np.argmax(field)), field.shape)] = True
-    return mask
-
-
-def prepare_image(rgb: np.ndarray, multiple: int = 8, max_side: int | None = None) -> np.ndarray:
-    """Return a copy whose sides are multiples of `multiple`: optionally resized (Lanczos) so the
-    longer side is at most `max_side`, then centre-cropped by at most multiple-1 pixels per side.
-
-    Draw masks on the returned image: `RegionCorruptor` rejects sides that are not multiples of 8.
-    """
-    rgb = as_rgb(rgb)
-    if multiple < 1:
-        raise ValueError(f"multiple must be 1 or more, got {multiple}.")
-    if max_side is not None and max(rgb.shape[:2]) > max_side:
-        from PIL import Image
-
-        scale = max_side / max(rgb.shape[:2])
-        size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
-        rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.LANCZOS))
-    height, width = (rgb.shape[0] // multiple) * multiple, (rgb.shape[1] // multiple) * multiple
-    if height == 0 or width == 0:
-        raise ValueError(f"The image ({rgb.shape[1]}x{rgb.shape[0]}) is smaller than {multiple} pixels on a side.")
-    top, left = (rgb.shape[0] - height) // 2, (rgb.shape[1] - width) // 2
-    return np.ascontiguousarray(rgb[top:top + height, left:left + width])
-
-
-def _check_mask(mask) -> np.ndarray:
-    if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ or mask.ndim != 2:
-        what = f"{mask.dtype} array of shape {mask.shape}" if isinstance(mask, np.ndarray) else type(mask).__name__
-        raise ValueError(f"The mask must be a bool array of shape (H, W), got a {what}.")
-    return mask
-
-
-def _resize_float(values: np.ndarray, height: int, width: int) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(values.astype(np.float32), mode="F").resize((width, height), Image.BICUBIC),
-                      dtype=np.float64)
 
 
 def _psnr(mse: float) -> float:
@@ -531,70 +343,15 @@ def corrupted_latent(inversion: Inversion, latent_mask: np.ndarray, params: Corr
 # ----------------------------------------------------------------------------------------------
 # The corruptor
 
-class _Steps:
-    """progress(step, total) and should_stop() around the loops."""
-
-    def __init__(self, total: int, progress: ProgressFn | None, should_stop: StopFn | None):
-        self.total, self.done, self.progress, self.should_stop = total, 0, progress, should_stop
-
-    def check(self) -> None:
-        if self.should_stop is not None and self.should_stop():
-            raise Cancelled("Corruption was stopped.")
-
-    def advance(self) -> None:
-        self.done += 1
-        if self.progress is not None:
-            self.progress(self.done, self.total)
-        self.check()
-
-
-class RegionCorruptor:
+class RegionCorruptor(LatentInverter):
     """Invert once per image, corrupt many regions and seeds (see the module docstring).
 
+    Made as `RegionCorruptor(loaded, cache_dir=None, memory_entries=25)`; the pipeline, the
+    inversion and the cache come from `LatentInverter` (engines/corruption/inversion.py).
     Counters: `unet_calls` (all UNet evaluations), `inversions_computed`, `cache_hits`
     (= `memory_hits` + `disk_hits`, inversions only); `cache_problems` lists unreadable cache files
     and failed writes.
     """
-
-    def __init__(self, loaded: LoadedModel, cache_dir: str | os.PathLike | None = None,
-                 memory_entries: int = DEFAULT_MEMORY_ENTRIES):
-        import torch
-        from diffusers import DDIMScheduler
-
-        pipe = loaded.model
-        for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-            if getattr(pipe, part, None) is None:
-                raise ValueError(f"Region corruption needs a Stable-Diffusion-style pipeline; {type(pipe).__name__} has no {part}.")
-        if getattr(pipe, "text_encoder_2", None) is not None:
-            raise ValueError(f"Region corruption supports one-text-encoder pipelines (SD 1.x/2.x); {type(pipe).__name__} is not supported.")
-        prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
-        if prediction not in ("epsilon", "v_prediction"):
-            raise ValueError(f"Region corruption supports epsilon or v prediction, not '{prediction}'.")
-        if int(memory_entries) < 0:
-            raise ValueError(f"memory_entries must be 0 or more, got {memory_entries}.")
-        self.loaded = loaded
-        self.pipe = pipe
-        self.device = pipe.unet.device
-        self.dtype = pipe.unet.dtype
-        self.prediction_type = prediction
-        self.factor = int(getattr(pipe, "vae_scale_factor", 8))
-        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(torch.float64)
-        self.final_alpha = float(self.scheduler.final_alpha_cumprod)
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.memory_entries = int(memory_entries)
-        self.model_key = _model_key(loaded, pipe)
-        self.unet_calls = 0
-        self.inversions_computed = 0
-        self.memory_hits = 0
-        self.disk_hits = 0
-        self.cache_problems: list[str] = []
-        self._memory: OrderedDict[str, Inversion] = OrderedDict()
-        self._resampled: OrderedDict[str, tuple[Any, np.ndarray]] = OrderedDict()  # uncorrupted resamples
-
-    @property
-    def cache_hits(self) -> int:
-        return self.memory_hits + self.disk_hits
 
     # -- public calls
     def invert(self, image, params: CorruptParams, progress: ProgressFn | None = None,
@@ -603,10 +360,10 @@ class RegionCorruptor:
         params.validate()
         rgb = self._check_image(image)
         key = self.cache_key(rgb, params)
-        cached = self._lookup(key, rgb.shape[:2])
-        steps = _Steps(0 if cached else params.corruption_steps, progress, should_stop)
+        cached = self.lookup(key, rgb.shape[:2])
+        steps = Steps(0 if cached else params.corruption_steps, progress, should_stop)
         steps.check()
-        return cached or self._invert(rgb, params, key, steps)
+        return cached or self.compute_inversion(rgb, params, key, steps)
 
     def corrupt(self, image, mask: np.ndarray, params: CorruptParams, progress: ProgressFn | None = None,
                 should_stop: StopFn | None = None) -> CorruptionResult:
@@ -625,7 +382,7 @@ class RegionCorruptor:
         if not (1 <= len(seeds) <= MAX_SEEDS) or any(not (0 <= s <= MAX_SEED) for s in seeds):
             raise ValueError(f"Give 1 to {MAX_SEEDS} seeds, each between 0 and {MAX_SEED}.")
         rgb = self._check_image(image)
-        mask = _check_mask(mask)
+        mask = check_mask(mask)
         if mask.shape != rgb.shape[:2]:
             raise ValueError(f"The mask is {mask.shape[1]}x{mask.shape[0]} but the image is {rgb.shape[1]}x{rgb.shape[0]}; they must match.")
         if not mask.any():
@@ -640,22 +397,22 @@ class RegionCorruptor:
         before = self.unet_calls
         with torch.inference_mode():
             if params.method in DIRECT_METHODS:
-                steps = _Steps(0, progress, should_stop)
+                steps = Steps(0, progress, should_stop)
                 steps.check()
-                inversion, cache_hit = self._direct_inversion(rgb, params), False
+                inversion, cache_hit = self.direct_inversion(rgb, params), False
                 latents = torch.cat([corrupted_latent(inversion, cells, replace(params, seed=s)) for s in seeds])
-                images = self._decode(latents)
-                (clean,) = self._decode(inversion.z0)
+                images = self.decode(latents)
+                (clean,) = self.decode(inversion.z0)
             else:
                 key = self.cache_key(rgb, params)
-                cached = self._lookup(key, rgb.shape[:2])
-                known = self._resampled_get(key, params, rgb.shape[:2])
-                steps = _Steps((0 if cached else k) + k + (0 if known else k), progress, should_stop)
+                cached = self.lookup(key, rgb.shape[:2])
+                known = self.resampled_get(key, params, rgb.shape[:2])
+                steps = Steps((0 if cached else k) + k + (0 if known else k), progress, should_stop)
                 steps.check()
-                inversion, cache_hit = cached or self._invert(rgb, params, key, steps), cached is not None
+                inversion, cache_hit = cached or self.compute_inversion(rgb, params, key, steps), cached is not None
                 latents = torch.cat([corrupted_latent(inversion, cells, replace(params, seed=s)) for s in seeds])
-                images = self._decode(self._resample(latents, inversion, params, steps))
-                clean = (known or self._uncorrupted(key, inversion, params, steps))[1]
+                images = self.decode(self.resample(latents, inversion, params, steps))
+                clean = (known or self.uncorrupted(key, inversion, params, steps))[1]
         spent = self.unet_calls - before
         per_seed = 0 if params.method in DIRECT_METHODS else k * (2 if params.guidance_scale > 1 else 1)
         seconds = time.perf_counter() - start
@@ -692,13 +449,13 @@ class RegionCorruptor:
         k = params.corruption_steps
         with torch.inference_mode():
             key = self.cache_key(rgb, params)
-            cached = self._lookup(key, rgb.shape[:2])
-            known = self._resampled_get(key, params, rgb.shape[:2])
-            steps = _Steps((0 if cached else k) + (0 if known else k), progress, should_stop)
+            cached = self.lookup(key, rgb.shape[:2])
+            known = self.resampled_get(key, params, rgb.shape[:2])
+            steps = Steps((0 if cached else k) + (0 if known else k), progress, should_stop)
             steps.check()
-            inversion = cached or self._invert(rgb, params, key, steps)
-            latent, out = known or self._uncorrupted(key, inversion, params, steps)
-            (floor,) = self._decode(inversion.z0)
+            inversion = cached or self.compute_inversion(rgb, params, key, steps)
+            latent, out = known or self.uncorrupted(key, inversion, params, steps)
+            (floor,) = self.decode(inversion.z0)
         diff = (latent.to(inversion.z0.device) - inversion.z0).abs()
         out, floor, target = out.astype(np.float64), floor.astype(np.float64), rgb.astype(np.float64)
         return {"mae": float(np.abs(out - target).mean()), "psnr": _psnr(float(np.mean((out - target) ** 2))),
@@ -714,154 +471,11 @@ class RegionCorruptor:
         import torch
 
         params.validate()
-        steps = _Steps(len(inversion.timesteps), progress, should_stop)
+        steps = Steps(len(inversion.timesteps), progress, should_stop)
         with torch.inference_mode():
-            return self._resample(latents.to(self.device, torch.float32), inversion, params, steps)
+            return self.resample(latents.to(self.device, torch.float32), inversion, params, steps)
 
-    def cache_key(self, rgb: np.ndarray, params: CorruptParams) -> str:
-        """sha256 over everything the inversion of `rgb` depends on (see the module docstring)."""
-        fields: dict[str, Any] = {
-            "format": CACHE_FORMAT, "image": image_digest(rgb), "model": self.model_key,
-            "prompt": params.prompt, "steps": int(params.num_inference_steps), "k": params.corruption_steps,
-            "method": params.inversion_method, "guidance": float(params.inversion_guidance_scale),
-            "dtype": str(self.dtype),
-        }
-        if params.inversion_guidance_scale > 1:
-            fields["negative_prompt"] = params.negative_prompt
-        if params.inversion_method == "renoise":
-            fields["renoise"] = {name: list(v) if isinstance(v, tuple) else v for name, v in params.renoise_settings().items()}
-            fields["reg_seed"] = REG_SEED
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-
-    def resample_key(self, params: CorruptParams) -> str:
-        """What the uncorrupted resample adds to its inversion's key: resampling guidance and prompts."""
-        fields = {"guidance": float(params.guidance_scale), "prompt": params.prompt,
-                  "negative_prompt": params.negative_prompt if params.guidance_scale > 1 else ""}
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-
-    def cache_path(self, key: str) -> Path | None:
-        return None if self.cache_dir is None else self.cache_dir / f"{key}.safetensors"
-
-    # -- the schedule
-    def _schedule(self, n: int) -> list[int]:
-        self.scheduler.set_timesteps(n)
-        return [int(t) for t in self.scheduler.timesteps]
-
-    def _alpha(self, timestep: int | None) -> float:
-        """abar at a timestep; None is the clean state after the last sampling step."""
-        return self.final_alpha if timestep is None else float(self.alphas_cumprod[timestep])
-
-    # -- model calls
-    def _embeddings(self, prompt: str, negative_prompt: str, guided: bool):
-        """Prompt embedding [1, L, D]; with guidance [2, L, D] = (negative, prompt)."""
-        import torch
-
-        cond, uncond = self.pipe.encode_prompt(prompt, self.device, 1, guided, negative_prompt if guided else None)
-        return torch.cat([uncond, cond]) if guided else cond
-
-    def _eps(self, latents, timestep: int, embeddings, guidance: float):
-        """Noise prediction for a batch of latents (float32), with classifier-free guidance when > 1."""
-        import torch
-
-        guided = guidance > 1
-        batch = latents.shape[0]
-        model_in = torch.cat([latents, latents]) if guided else latents
-        if guided:
-            uncond, cond = embeddings.chunk(2)
-            emb = torch.cat([uncond.expand(batch, -1, -1), cond.expand(batch, -1, -1)])
-        else:
-            emb = embeddings.expand(batch, -1, -1)
-        t = torch.tensor(timestep, device=self.device)
-        out = self.pipe.unet(model_in.to(self.dtype), t, encoder_hidden_states=emb.to(self.dtype)).sample.float()
-        self.unet_calls += model_in.shape[0]
-        if self.prediction_type == "v_prediction":
-            a = self._alpha(timestep)
-            out = math.sqrt(a) * out + math.sqrt(1 - a) * model_in.float()
-        if guided:
-            uncond_eps, cond_eps = out.chunk(2)
-            return uncond_eps + guidance * (cond_eps - uncond_eps)
-        return out
-
-    def _encode(self, rgb: np.ndarray):
-        import torch
-
-        x = torch.tensor(rgb, device=self.device).permute(2, 0, 1)[None].float() / 127.5 - 1.0
-        vae = self.pipe.vae
-        return vae.encode(x.to(vae.dtype)).latent_dist.mean.float() * float(vae.config.scaling_factor)
-
-    def _decode(self, latents) -> list[np.ndarray]:
-        vae = self.pipe.vae
-        images = vae.decode((latents / float(vae.config.scaling_factor)).to(vae.dtype)).sample.float()
-        images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-        return to_uint8(images)
-
-    # -- inversion and resampling
-    def _invert(self, rgb: np.ndarray, params: CorruptParams, key: str, steps: _Steps) -> Inversion:
-        import functools
-
-        import torch
-
-        before = self.unet_calls
-        n, k = int(params.num_inference_steps), params.corruption_steps
-        timesteps = self._schedule(n)
-        guidance = float(params.inversion_guidance_scale)
-        with torch.inference_mode():
-            z0 = self._encode(rgb)
-            emb = self._embeddings(params.prompt, params.negative_prompt, guidance > 1)
-            generator = torch.Generator(device="cpu").manual_seed(REG_SEED) if params.regularised else None
-            z = z0
-            for j in range(k):
-                index = n - 1 - j  # sampling step being inverted: from T[index + 1] (or clean) to T[index]
-                t = timesteps[index]  # the TARGET timestep: every UNet call of this step sees t
-                a_cur = self._alpha(timesteps[index + 1] if index + 1 < n else None)
-                a_next = self._alpha(t)
-                eps_fn = functools.partial(self._eps, timestep=t, embeddings=emb, guidance=guidance)
-                if params.inversion_method == "renoise":
-                    z = renoise_step(eps_fn, z, z0, t, a_cur, a_next, params, generator)
-                else:
-                    z = inverse_step(z, eps_fn(z), a_cur, a_next)
-                steps.advance()
-        t = timesteps[n - k]
-        inversion = Inversion(key=key, z0=z0, zt=z, timestep=t, step_index=n - k, timesteps=tuple(timesteps[n - k:]),
-                              alpha_t=self._alpha(t), image_size=(rgb.shape[0], rgb.shape[1]),
-                              method=params.inversion_method, unet_calls=self.unet_calls - before)
-        self.inversions_computed += 1
-        self._remember(inversion)
-        self._disk_put(inversion)
-        return inversion
-
-    def _resample(self, latents, inversion: Inversion, params: CorruptParams, steps: _Steps):
-        import torch
-
-        guidance = float(params.guidance_scale)
-        emb = self._embeddings(params.prompt, params.negative_prompt, guidance > 1)
-        z = latents
-        timesteps = inversion.timesteps
-        for i, t in enumerate(timesteps):
-            eps = self._eps(z, t, emb, guidance)
-            a_prev = self._alpha(timesteps[i + 1] if i + 1 < len(timesteps) else None)
-            z = _sample_step(z, eps, self._alpha(t), a_prev)
-            steps.advance()
-        return z.to(torch.float32)
-
-    def _uncorrupted(self, key: str, inversion: Inversion, params: CorruptParams, steps: _Steps):
-        """Resample z_t with no corruption (alone, so the result never depends on what it was batched
-        with), decode it and cache both: (latent [1, C, h, w], image uint8 [H, W, 3])."""
-        latent = self._resample(inversion.zt, inversion, params, steps)
-        (image,) = self._decode(latent)
-        self._resampled_put(key, params, latent, image)
-        return latent, image
-
-    def _direct_inversion(self, rgb: np.ndarray, params: CorruptParams) -> Inversion:
-        """z0 and abar_t only (no UNet): what the direct methods need."""
-        n, k = int(params.num_inference_steps), params.corruption_steps
-        timesteps = self._schedule(n)
-        z0 = self._encode(rgb)
-        t = timesteps[n - k]
-        return Inversion(key="", z0=z0, zt=z0, timestep=t, step_index=n - k, timesteps=tuple(timesteps[n - k:]),
-                         alpha_t=self._alpha(t), image_size=(rgb.shape[0], rgb.shape[1]), method="none", unet_calls=0)
-
-    # -- checks and the cache
+    # -- checks
     def _check_image(self, image) -> np.ndarray:
         rgb = as_rgb(image)
         height, width = rgb.shape[:2]
@@ -869,163 +483,3 @@ class RegionCorruptor:
             raise ValueError(f"The image is {width}x{height}; both sides must be multiples of {self.factor} "
                              f"(prepare_image(rgb, multiple={self.factor}) crops it to fit).")
         return rgb
-
-    def _lookup(self, key: str, size: tuple[int, int]) -> Inversion | None:
-        found = self._memory.get(key)
-        if found is not None:
-            self._memory.move_to_end(key)
-            self.memory_hits += 1
-            return replace(found, source="memory")
-        found = self._disk_get(key, size)
-        if found is not None:
-            self.disk_hits += 1
-            self._remember(found)
-        return found
-
-    def _remember(self, inversion: Inversion) -> None:
-        _bounded_put(self._memory, inversion.key, inversion, self.memory_entries)
-
-    def _latent_shape(self, size: tuple[int, int]) -> tuple[int, ...]:
-        return (1, int(self.pipe.vae.config.latent_channels), size[0] // self.factor, size[1] // self.factor)
-
-    def _disk_get(self, key: str, size: tuple[int, int]) -> Inversion | None:
-        path = self.cache_path(key)
-        loaded = self._read_entry(path, key)
-        if loaded is None:
-            return None
-        meta, tensors = loaded
-        try:
-            info = json.loads(meta.get("info", "{}"))
-        except ValueError:
-            info = None
-        expected = self._latent_shape(size)
-        z0, zt = tensors.get("z0"), tensors.get("zt")
-        problem = None
-        if z0 is None or zt is None or tuple(z0.shape) != expected or tuple(zt.shape) != expected:
-            problem = "latents are missing or have the wrong shape"
-        elif not (bool(z0.isfinite().all()) and bool(zt.isfinite().all())):
-            problem = "latents are not finite"
-        elif not isinstance(info, dict) or not {"timestep", "step_index", "timesteps", "alpha_t", "method", "unet_calls"} <= set(info):
-            problem = "description is incomplete"
-        if problem:
-            self.cache_problems.append(f"{path.name}: {problem}; recomputed.")
-            return None
-        return Inversion(key=key, z0=z0.to(self.device, z0.dtype), zt=zt.to(self.device, zt.dtype),
-                         timestep=int(info["timestep"]), step_index=int(info["step_index"]),
-                         timesteps=tuple(int(t) for t in info["timesteps"]), alpha_t=float(info["alpha_t"]),
-                         image_size=(int(size[0]), int(size[1])), method=str(info["method"]),
-                         unet_calls=int(info["unet_calls"]), source="disk")
-
-    def _disk_put(self, inversion: Inversion) -> None:
-        info = {"timestep": inversion.timestep, "step_index": inversion.step_index, "timesteps": list(inversion.timesteps),
-                "alpha_t": inversion.alpha_t, "method": inversion.method, "unet_calls": inversion.unet_calls}
-        self._write_entry(self.cache_path(inversion.key), inversion.key,
-                          {"z0": inversion.z0.detach().float().cpu().contiguous(),
-                           "zt": inversion.zt.detach().float().cpu().contiguous()},
-                          {"info": json.dumps(info)})
-
-    def _resampled_path(self, key: str, params: CorruptParams) -> tuple[str, Path | None]:
-        name = f"{key}.resample-{self.resample_key(params)}"
-        return name, None if self.cache_dir is None else self.cache_dir / f"{name}.safetensors"
-
-    def _resampled_get(self, key: str, params: CorruptParams, size: tuple[int, int]):
-        """(latent [1, C, h, w], image uint8 [H, W, 3]) of the uncorrupted resample, or None."""
-        name, path = self._resampled_path(key, params)
-        found = self._resampled.get(name)
-        if found is not None:
-            self._resampled.move_to_end(name)
-            return found
-        loaded = self._read_entry(path, name)
-        if loaded is None:
-            return None
-        latent, image = loaded[1].get("latent"), loaded[1].get("image")
-        if (latent is None or image is None or tuple(latent.shape) != self._latent_shape(size)
-                or tuple(image.shape) != (size[0], size[1], 3) or str(image.dtype) != "torch.uint8"):
-            self.cache_problems.append(f"{path.name}: the resample is missing or has the wrong shape; recomputed.")
-            return None
-        found = (latent.to(self.device, latent.dtype), np.ascontiguousarray(image.numpy()))
-        _bounded_put(self._resampled, name, found, self.memory_entries)
-        return found
-
-    def _resampled_put(self, key: str, params: CorruptParams, latent, image: np.ndarray) -> None:
-        import torch
-
-        name, path = self._resampled_path(key, params)
-        _bounded_put(self._resampled, name, (latent, image), self.memory_entries)
-        self._write_entry(path, name, {"latent": latent.detach().float().cpu().contiguous(),
-                                       "image": torch.from_numpy(np.ascontiguousarray(image))}, {})
-
-    def _read_entry(self, path: Path | None, key: str):
-        """(metadata, tensors) of a cache file written for `key`, or None (problems are recorded)."""
-        if path is None or not path.is_file():
-            return None
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                meta = handle.metadata() or {}
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            self.cache_problems.append(f"{path.name}: unreadable ({_first_line(exc)}); recomputed.")
-            return None
-        if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
-            self.cache_problems.append(f"{path.name}: metadata does not match this key; recomputed.")
-            return None
-        return meta, tensors
-
-    def _write_entry(self, path: Path | None, key: str, tensors: dict, meta: dict) -> None:
-        """Write to a temporary sibling, then rename; a full or read-only disk costs a recompute later."""
-        if path is None:
-            return
-        from safetensors.torch import save_file
-
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        meta = {"format": CACHE_FORMAT, "key": key, "model_id": self.loaded.model_id, **meta}
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, str(tmp), metadata=meta)
-            os.replace(tmp, path)
-        except OSError as exc:
-            self.cache_problems.append(f"{path.name}: not written ({_first_line(exc)}).")
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-
-
-def _bounded_put(memory: OrderedDict, key: str, value, limit: int) -> None:
-    """Put `value` last in an LRU dict holding at most `limit` entries (0: keep nothing)."""
-    if limit == 0:
-        return
-    memory[key] = value
-    memory.move_to_end(key)
-    while len(memory) > limit:
-        memory.popitem(last=False)
-
-
-def _sample_step(z, eps, a_t: float, a_prev: float):
-    """DDIM step (eta 0) from abar a_t to a_prev: DDIMScheduler.step with epsilon prediction, no clipping."""
-    x0 = (z - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
-    return math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
-
-
-def _model_key(loaded: LoadedModel, pipe) -> str:
-    """sha256 of the model id, the scheduler config and a strided sample of every weight tensor of the
-    UNet, VAE and text encoder (16 values per tensor, so fine-tunes and fused LoRAs change it)."""
-    import torch
-
-    digest = hashlib.sha256(f"{loaded.model_id}|{type(pipe).__name__}|".encode())
-    config = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
-    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for part in ("unet", "vae", "text_encoder"):
-            named = list(getattr(pipe, part).named_parameters())
-            digest.update(f"{part}|{[(n, tuple(p.shape)) for n, p in named]}|".encode())
-            if named:
-                samples = [p.detach().reshape(-1)[:: max(1, p.numel() // 16)][:16].to(torch.float32) for _, p in named]
-                digest.update(np.ascontiguousarray(torch.cat(samples).cpu().numpy()).tobytes())
-    return digest.hexdigest()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]

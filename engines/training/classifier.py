@@ -33,8 +33,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from engines.classification.classify import (CLASSIFIER_CONFIG, ArtifactClassifier, ClassifierSpec, build_crop_net, build_question,
-                              check_taxonomy, crop_with_context, render_answer, save_head, yesno_question, resize_rgb)
+from engines.classification.classify import CLASSIFIER_CONFIG, ArtifactClassifier, ClassifierSpec, build_crop_net, save_head
+from engines.classification.crops import crop_with_context, resize_rgb
+from engines.classification.prompts import build_question, check_taxonomy, render_answer, yesno_question
 from engines.models import LoadedModel, remove_tree
 from engines.progress import StopFn
 
@@ -295,7 +296,7 @@ def train_head(config: ClassifierTrainConfig, taxonomy, train: Sequence[Classifi
 def vlm_pairs(sample: ClassifierSample, taxonomy, region_mode: str, rng: np.random.Generator,
               context: float = 0.5) -> list[tuple[np.ndarray, str, str]]:
     """(picture, question, answer) pairs of one sample: the JSON question-answer and one yes/no question."""
-    from engines.classification.classify import draw_box
+    from engines.classification.crops import draw_box
 
     classes = check_taxonomy(taxonomy)
     names = [c["name"] for c in classes]

@@ -68,20 +68,9 @@ probabilities resized back to native size), artifact mask = probability >= 0.5, 
 is used once, after the last step: the best checkpoint (else `last`) is evaluated on it, the metrics
 go to `out_dir/test_metrics.json`, the best checkpoint's provenance ("test") and
 `TrainResult.test_metrics`. The test set never influences training or the choice of checkpoint.
-Checkpoints are our detector format (`save_detector`: model.safetensors + detector.json, loadable by
-`load_detector(folder)`; the provenance holds the full config, its recipe name and the device); `last`
-also holds the trainer state: `optimizer.safetensors` (AdamW tensors) and `trainer_state.json`. Folders
-are swapped in by rename, so a killed run leaves a whole checkpoint. Metric rows go to `log(row)` and
-`out_dir/metrics.jsonl`.
-
-All randomness is a function of (seed, step): the sampler and the augmentation use
-`numpy.random.default_rng([seed, step, ...])`, and the model's own randomness (drop-path in Swin) runs
-under `torch.random.fork_rng` seeded from (seed, step), so the caller's global RNG is untouched and no
-RNG state needs saving: a run stopped at any step and resumed (`resume=True`, same config and data)
-gives the same parameters as an uninterrupted run (bit-exact on CPU; on CUDA up to cuDNN's
-nondeterministic kernels unless the caller enables torch's deterministic mode). Resuming with a
-different config (other than `steps`, `eval_every`, `log_every`) or different data raises ValueError;
-`resume=False` starts over in the same folder.
+A run stopped at any step and resumed (`resume=True`, same config and data) gives the same parameters as an
+uninterrupted run; `resume=False` starts over in the same folder. How (checkpoint files, trainer state,
+metrics.jsonl, per-step RNG) and what a resume refuses: `engines.training.resume`, the sibling this imports.
 
 Several processes (data parallel)
 ---------------------------------
@@ -107,20 +96,16 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
-
 from engines.training.data import (IGNORE, MAX_POSITIVE_POINTS, SAMPLINGS, SOURCES, BalancedSampler,  # noqa: F401
                                 FileSample, Sample, StepItems, TrainSample, check_samples, default_workers,
                                 fingerprint, make_loader, to_tensors)
 from engines.training.parallel import GlooSyncBatchNorm, World, sync_batchnorm  # noqa: F401
+from engines.training.resume import (BEST, LAST, METRICS_FILE, OPTIMIZER_FILE, existing_last, optimizer_from_flat,
+                                     param_groups_json, read_state, remove_path, save_checkpoint, step_rng, step_seed,
+                                     truncate_metrics)
 
 ARCHES = ("tiny", "upernet-convnext-tiny", "upernet-swin-tiny")
-LAST, BEST = "last", "best"
-METRICS_FILE = "metrics.jsonl"
-STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
 TEST_FILE = "test_metrics.json"
-RESUMABLE_CHANGES = ("steps", "eval_every", "log_every")
 EVAL_THRESHOLD = 0.5
 HEADLINE_METRIC = "artifact_iou"
 METRIC_KEYS = ("artifact_iou", "miou", "background_iou", "precision", "recall", "f1")
@@ -456,8 +441,8 @@ def train_detector(config: TrainConfig, train: Sequence[Sample], val: Sequence[S
     w_art = float(config.artifact_weight) if config.artifact_weight is not None else \
         float(min(config.artifact_weight_cap, max(1.0, math.sqrt((1 - freq) / freq))))
     data_id = fingerprint(train, val)
-    last_dir = _existing_last(out) if resume else None
-    state = _read_state(last_dir, config, data_id) if last_dir is not None else None
+    last_dir = existing_last(out) if resume else None
+    state = read_state(last_dir, config, data_id) if last_dir is not None else None
 
     if state is not None:
         from engines.detection.detectors import load_detector
@@ -470,7 +455,7 @@ def train_detector(config: TrainConfig, train: Sequence[Sample], val: Sequence[S
         world.wait()  # every process has read out/ before the main one clears it
         if world.is_main:
             for stale in (out / LAST, out / BEST, out / METRICS_FILE, out / TEST_FILE):
-                _remove(stale)
+                remove_path(stale)
     model = model.to(device)
     if world.size > 1:
         model = sync_batchnorm(model, torch.device(device).type)
@@ -478,7 +463,7 @@ def train_detector(config: TrainConfig, train: Sequence[Sample], val: Sequence[S
     aux = AuxCapture(raw_model, config.aux_weight)
     optimizer = make_optimizer(model, config)
     if state is not None:
-        optimizer.load_state_dict(_optimizer_from_flat(optimizer, load_file(str(last_dir / OPTIMIZER_FILE)),
+        optimizer.load_state_dict(optimizer_from_flat(optimizer, load_file(str(last_dir / OPTIMIZER_FILE)),
                                                        state["param_groups"]))
     step = int(state["step"]) if state else 0
     best_score = float(state.get("best_artifact_iou", float("-inf"))) if state else float("-inf")
@@ -486,7 +471,7 @@ def train_detector(config: TrainConfig, train: Sequence[Sample], val: Sequence[S
     best_step = int(state.get("best_step", 0)) if state else 0
     loss_sum, loss_count = (float(state["loss_sum"]), int(state["loss_count"])) if state else (0.0, 0)
     elapsed0 = float(state["seconds"]) if state else 0.0
-    history = _truncate_metrics(out / METRICS_FILE, step) if world.is_main else []
+    history = truncate_metrics(out / METRICS_FILE, step) if world.is_main else []
     class_weights = torch.tensor([1.0, w_art], device=device)
     loader = make_loader(sampler, step, config.steps, workers, pin_memory=torch.device(device).type == "cuda")
     if accelerator is not None:
@@ -511,13 +496,13 @@ def train_detector(config: TrainConfig, train: Sequence[Sample], val: Sequence[S
                 "best_miou": best_miou, "best_step": best_step, "loss_sum": loss_sum, "loss_count": loss_count,
                 "seconds": seconds(), "config": config.to_json(), "data_fingerprint": data_id,
                 "rng": "derived from (seed, step); no saved RNG state needed",
-                "param_groups": _param_groups_json(optimizer)}
+                "param_groups": param_groups_json(optimizer)}
 
     def save_last(metrics: dict | None) -> None:
         info = {**provenance, "steps": step, "val": metrics, "miou": (metrics or {}).get("miou"),
                 "best_artifact_iou": _num(best_score), "best_miou": _num(best_miou), "best_step": best_step,
                 "trained": step > 0}
-        _save_checkpoint(out / LAST, raw_model, replace(spec, trained=step > 0), info, optimizer, trainer_state())
+        save_checkpoint(out / LAST, raw_model, replace(spec, trained=step > 0), info, optimizer, trainer_state())
 
     saved_at = step if last_dir is not None and state is not None else -1
     stopped = False
@@ -533,7 +518,7 @@ def train_detector(config: TrainConfig, train: Sequence[Sample], val: Sequence[S
             lr = lr_at(config, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with _step_rng(_step_seed(config.seed, step), cuda_index):
+            with step_rng(step_seed(config.seed, step), cuda_index):
                 loss = float(train_step(model, optimizer, x, y, class_weights, aux, world if world.size > 1 else None))
             if not math.isfinite(loss):
                 raise RuntimeError(f"Training diverged: the loss is {loss} at step {step + 1}; lower the learning "
@@ -550,7 +535,7 @@ def train_detector(config: TrainConfig, train: Sequence[Sample], val: Sequence[S
                     row.update({k: values[k] for k in METRIC_KEYS})
                     if selection_score(metrics) > best_score:
                         best_score, best_miou, best_step = selection_score(metrics), metrics.miou, step
-                        _save_checkpoint(out / BEST, raw_model, spec, {
+                        save_checkpoint(out / BEST, raw_model, spec, {
                             **provenance, "steps": step, "val": values, "miou": metrics.miou,
                             "best_artifact_iou": best_score, "best_miou": metrics.miou, "best_step": step,
                             "trained": True})
@@ -605,112 +590,5 @@ def _evaluate_test(out: Path, test: Sequence[Sample], device: str, batch_size: i
     return report
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints and state
-
-def _save_checkpoint(folder: Path, model, spec, provenance: dict, optimizer=None, state: dict | None = None) -> None:
-    """Write a detector (plus optional trainer state) into a staging folder, then swap it in by rename."""
-    from safetensors.torch import save_file
-
-    from engines.detection.detectors import save_detector
-
-    staging = folder.with_name(f".{folder.name}.staging-{os.getpid()}")
-    save_detector(model, spec, staging, provenance)
-    if optimizer is not None:
-        save_file(_optimizer_to_flat(optimizer), str(staging / OPTIMIZER_FILE))
-        (staging / STATE_FILE).write_text(json.dumps(state, indent=2))
-    old = folder.with_name(f".{folder.name}.old")
-    _remove(old)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(staging, folder)
-    _remove(old)
-
-
-def _existing_last(out: Path) -> Path | None:
-    """out/last, or out/.last.old when a run was killed between the two renames of a save."""
-    for folder in (out / LAST, out / f".{LAST}.old"):
-        if (folder / STATE_FILE).is_file() and (folder / OPTIMIZER_FILE).is_file():
-            return folder
-    return None
-
-
-def _read_state(folder: Path, config: TrainConfig, fingerprint: str) -> dict | None:
-    state = json.loads((folder / STATE_FILE).read_text())
-    saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE_CHANGES}
-    now = {k: v for k, v in config.to_json().items() if k not in RESUMABLE_CHANGES}
-    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    if changed:
-        raise ValueError(f"'{folder}' was trained with a different config ({', '.join(changed)} changed); resume with the "
-                         "same config, or pass resume=False / a new folder to start over.")
-    if state["data_fingerprint"] != fingerprint:
-        raise ValueError(f"'{folder}' was trained on different images or masks; resume with the same data, or pass "
-                         "resume=False / a new folder (or fine-tune with arch=that folder).")
-    if int(state["step"]) > config.steps:
-        raise ValueError(f"'{folder}' has already trained {state['step']} steps, more than the {config.steps} asked for.")
-    return state
-
-
-def _optimizer_to_flat(optimizer) -> dict:
-    flat = {}
-    for idx, values in optimizer.state_dict()["state"].items():
-        for name, tensor in values.items():
-            flat[f"{idx}.{name}"] = tensor.detach().cpu().contiguous()
-    return flat
-
-
-def _param_groups_json(optimizer) -> list:
-    return json.loads(json.dumps(optimizer.state_dict()["param_groups"], default=list))
-
-
-def _optimizer_from_flat(optimizer, flat: dict, param_groups: list) -> dict:
-    state: dict[int, dict] = {}
-    for key, tensor in flat.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = tensor
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in param_groups]
-    return {"state": state, "param_groups": groups}
-
-
-def _truncate_metrics(path: Path, step: int) -> list[dict]:
-    """Rows of metrics.jsonl up to `step` (rows of a killed session after its last checkpoint are dropped)."""
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    keep = [r for r in rows if r["step"] <= step]
-    if len(keep) != len(rows):
-        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    return keep
-
-
-def _step_rng(seed: int, cuda_index: int | None):
-    """Context in which torch's CPU (and the training GPU's) RNG is seeded with `seed`; the caller's
-    RNG states are restored afterwards."""
-    import contextlib
-
-    import torch
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.random.fork_rng(devices=[] if cuda_index is None else [cuda_index]))
-    torch.default_generator.manual_seed(seed)
-    if cuda_index is not None:
-        with torch.cuda.device(cuda_index):
-            torch.cuda.manual_seed(seed)
-    return stack
-
-
-def _step_seed(seed: int, step: int) -> int:
-    return int(np.random.SeedSequence([seed, step, 2]).generate_state(1, np.uint64)[0] >> 1)
-
-
 def _num(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
-
-
-def _remove(path: Path) -> None:
-    from engines.models import remove_tree
-
-    if path.is_dir():
-        remove_tree(path)
-    elif path.exists():
-        path.unlink()

@@ -268,7 +268,7 @@ def tune_feedback(config: FeedbackConfig, loaded: LoadedModel, classifier, promp
     before each step (the LoRA so far is saved, stopped=True, no after-evaluation)."""
     import torch
 
-    from engines.training.tune import ADAPTER, LORA_SUBDIR, add_lora_adapter, check_pipeline, save_lora
+    from engines.training.lora import ADAPTER, LORA_SUBDIR, add_lora_adapter, check_pipeline, save_lora
 
     config.validate()
     prompts = [str(p) for p in prompts]

@@ -1,4 +1,7 @@
-"""Detector-guided LoRA tuning of a diffusion UNet (DiffDoctor stage 2), and switching a LoRA on/off.
+"""Detector-guided LoRA tuning of a diffusion UNet (DiffDoctor stage 2).
+
+Siblings it imports: `lora` (the adapter: add, save, switch on/off with `apply_lora`) and `tune_eval` (prompt
+splits, the loss, evaluation images and their scores).
 
 `tune_lora(config, loaded, detector, prompts, out_dir)` adds LoRA adapters (peft, through diffusers'
 PEFT integration) to the attention projections of the pipeline's UNet and trains only them so that
@@ -23,7 +26,7 @@ the frozen artifact detector sees fewer artifacts in what the model generates. E
    - "soft": L = mean_i p_i w_i with w = stopgrad(p) / (mean(stopgrad(p)) + 1e-6): the map itself,
      normalised to mean 1, weights each pixel's gradient (our own soft variant of "weighted"; it was
      this module's default before the default followed DiffDoctor).
-   `artifact_loss(probs, mode, threshold)` computes these for other engines.
+   `tune_eval.artifact_loss(probs, mode, threshold)` computes these for other engines.
    Plus `regulariser_weight` times the ordinary diffusion loss on clean images (optional, against
    reward hacking): a random clean image per step (resized to the training size), VAE latent mean,
    a uniform random training timestep and Gaussian noise, MSE of the UNet's prediction (empty prompt)
@@ -79,7 +82,7 @@ involved in training", with the same seeds before and after (its project page); 
 - `eval_detector` (optional) scores the same images: a detector that was not optimised, so a fall in its
   area is not just the LoRA learning to please the detector it was tuned against. Its figures sit beside
   the optimised detector's (`independent_before`, `independent_after`, `independent_change`).
-- `evaluate_area(pipe, detector, prompts, seeds, ...)` runs the same generation and scoring for others.
+- `tune_eval.evaluate_area(pipe, detector, prompts, seeds, ...)` runs the same generation and scoring for others.
 (The `artifact_score` of a log row is the mean of p over the detector input of that step's training
 image.) `outside_change` is the mean absolute pixel change (uint8 units, over channels) between the before
 and after images at pixels that neither of the optimised detector's heatmaps marks (score < 0.5 in both).
@@ -90,7 +93,7 @@ The caller's pipeline. Training happens in place on `loaded.model.unet` (no copy
 gigabytes); when `tune_lora` returns or raises, every PEFT layer is removed again (`unet.unload_lora`)
 and the requires_grad flags of UNet, VAE and detector are restored, so the pipeline generates
 exactly what it did before. A pipeline that already has a LoRA loaded is refused (switch it off with
-`apply_lora(pipe, None)` first). Supported: Stable-Diffusion-1.x/2.x-shaped pipelines (one text
+`lora.apply_lora(pipe, None)` first). Supported: Stable-Diffusion-1.x/2.x-shaped pipelines (one text
 encoder, a UNet without added conditioning); SDXL-style UNets are refused with a message.
 
 Output: `out_dir/lora/pytorch_lora_weights.safetensors` in diffusers' LoRA format (with the adapter's
@@ -109,18 +112,13 @@ from typing import Callable, Sequence
 import numpy as np
 
 from engines.models import LoadedModel
+from engines.training.lora import LORA_SUBDIR, add_lora_adapter, check_pipeline, save_lora
+from engines.training.tune_eval import (EVAL_THRESHOLD, LOSS_MODES, artifact_loss, generate_eval_images, paired_change,
+                                        score_area, split_prompts)
 
 ProgressFn = Callable[[int, int], None]
 StopFn = Callable[[], bool]
 LogFn = Callable[[dict], None]
-
-ADAPTER = "studio_tune"
-LORA_ADAPTER = "studio"
-LORA_SUBDIR = "lora"
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-LOSS_MODES = ("weighted", "mean", "soft")
-EVAL_THRESHOLD = 0.5
-EVAL_SETS = ("held-out", "split", "training")  # where the evaluation prompts came from
 
 
 @dataclass(frozen=True)
@@ -195,42 +193,6 @@ class TuneConfig:
         data = asdict(self)
         data["eval_seeds"] = list(self.eval_seeds)
         return data
-
-
-@dataclass(frozen=True)
-class PromptSplit:
-    """Training prompts and the prompts a run is evaluated on. `source` (one of EVAL_SETS): "held-out"
-    (given separately), "split" (a seeded share of the prompt list held out) or "training" (no held-out
-    set: the training prompts themselves, eval_fraction 0)."""
-
-    train: tuple[str, ...]
-    evaluate: tuple[str, ...]
-    source: str
-
-
-@dataclass(frozen=True)
-class AreaScore:
-    """One detector's figures over a list of images (prompt-major: image i * len(seeds) + j is prompt i with
-    seed j). `areas[k]`: fraction of image k's pixels with score >= `threshold`; `scores[k]`: its mean score;
-    `maps`: the float32 [H, W] heatmaps (not part of `to_json`)."""
-
-    detector: str
-    threshold: float
-    areas: tuple[float, ...]
-    scores: tuple[float, ...]
-    maps: tuple[np.ndarray, ...] = field(default=(), repr=False, compare=False)
-
-    @property
-    def artifact_area(self) -> float:
-        return float(np.mean(self.areas)) if self.areas else 0.0
-
-    @property
-    def mean_score(self) -> float:
-        return float(np.mean(self.scores)) if self.scores else 0.0
-
-    def to_json(self) -> dict:
-        return {"artifact_area": self.artifact_area, "mean_score": self.mean_score, "images": len(self.areas),
-                "detector": self.detector}
 
 
 @dataclass(frozen=True)
@@ -389,158 +351,6 @@ def tune_lora(config: TuneConfig, loaded: LoadedModel, detector, prompts: Sequen
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation prompts, the loss, and scoring (reusable by other engines)
-
-
-def prompt_key(prompt: str) -> str:
-    """How prompts are compared for overlap: case-folded, runs of white space as one space, trimmed."""
-    return " ".join(str(prompt).split()).casefold()
-
-
-def split_prompts(prompts: Sequence[str], held_out: Sequence[str] | None = None, *, fraction: float = 0.25,
-                  seed: int = 0) -> PromptSplit:
-    """Training and evaluation prompts (see the module docstring). With `held_out` (non-empty): training =
-    `prompts`, evaluation = the distinct `held_out`; a held-out prompt that is also a training prompt is
-    refused. Without: `fraction` of the distinct prompts (chosen by `seed`) are held out, and every copy of a
-    held-out prompt leaves the training list; `fraction` 0 evaluates on the training prompts. Order is kept.
-    Raises ValueError for empty prompts, an overlap, or too few distinct prompts to split."""
-    train = [str(p).strip() for p in prompts]
-    if not train or any(not p for p in train):
-        raise ValueError("Give at least one prompt, and no empty prompts.")
-    if held_out:
-        evaluate = _distinct([str(p).strip() for p in held_out])
-        if any(not p for p in evaluate):
-            raise ValueError("Evaluation prompts must not be empty.")
-        train_keys = {prompt_key(p) for p in train}
-        shared = [p for p in evaluate if prompt_key(p) in train_keys]
-        if shared:
-            raise ValueError(f"{len(shared)} evaluation prompt(s) are also training prompts (first: '{shared[0]}'); "
-                             "held-out prompts must not be trained on.")
-        return PromptSplit(tuple(train), tuple(evaluate), "held-out")
-    if not 0.0 <= float(fraction) < 1.0:
-        raise ValueError(f"Evaluation fraction must be in [0, 1) (0: evaluate on the training prompts), got {fraction}.")
-    distinct = _distinct(train)
-    if float(fraction) == 0.0:
-        return PromptSplit(tuple(train), tuple(distinct), "training")
-    if len(distinct) < 2:
-        raise ValueError(f"Holding out a share of the prompts needs at least 2 distinct prompts, got {len(distinct)}; "
-                         "give separate evaluation prompts, or an evaluation fraction of 0 to evaluate on the "
-                         "training prompts.")
-    count = min(len(distinct) - 1, max(1, int(np.floor(float(fraction) * len(distinct) + 0.5))))
-    chosen = set(np.random.default_rng(int(seed)).permutation(len(distinct))[:count].tolist())
-    held = {prompt_key(distinct[i]) for i in chosen}
-    return PromptSplit(tuple(p for p in train if prompt_key(p) not in held),
-                       tuple(p for i, p in enumerate(distinct) if i in chosen), "split")
-
-
-def _distinct(prompts: list[str]) -> list[str]:
-    seen: set[str] = set()
-    out = []
-    for p in prompts:
-        if prompt_key(p) not in seen:
-            seen.add(prompt_key(p))
-            out.append(p)
-    return out
-
-
-def artifact_loss(probs, mode: str = "weighted", threshold: float = 0.1):
-    """The tuning loss (module docstring, step 4) of artifact probabilities `probs` (N x H x W tensor in
-    [0, 1], differentiable): the per-image loss averaged over the N images, a scalar tensor."""
-    import torch
-
-    if mode not in LOSS_MODES:
-        raise ValueError(f"Unknown loss mode '{mode}'; use {', '.join(LOSS_MODES)}.")
-    flat = probs.reshape(probs.shape[0], -1)
-    if mode == "mean":
-        per_image = flat.mean(dim=1)
-    elif mode == "weighted":
-        flagged = (flat.detach() > float(threshold)).to(flat.dtype)
-        per_image = (flat * flagged).sum(dim=1) / (flagged.sum(dim=1) + 1e-5)
-    else:
-        weight = flat.detach()
-        per_image = (flat * (weight / (weight.mean(dim=1, keepdim=True) + 1e-6))).mean(dim=1)
-    return torch.as_tensor(per_image).mean()
-
-
-def generate_eval_images(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inference_steps: int,
-                         guidance_scale: float, width: int, height: int,
-                         should_stop: StopFn | None = None) -> list[np.ndarray] | None:
-    """Generate prompts x seeds (prompt-major) with the pipeline as it is now, each with a CPU generator seeded
-    by its seed, so two calls around a change of the model give paired images. RGB uint8 HWC; None if stopped."""
-    import torch
-
-    from engines.generation.generate import to_uint8
-
-    images = []
-    for prompt in prompts:
-        for seed in seeds:
-            if should_stop is not None and should_stop():
-                return None
-            with torch.inference_mode():
-                out = pipe(prompt=prompt, num_inference_steps=int(num_inference_steps),
-                           guidance_scale=float(guidance_scale), width=int(width), height=int(height),
-                           generator=torch.Generator(device="cpu").manual_seed(int(seed)), output_type="np")
-            images.extend(to_uint8(out.images))
-    return images
-
-
-def score_area(detector, images: Sequence[np.ndarray], threshold: float = EVAL_THRESHOLD) -> AreaScore:
-    """Score RGB uint8 images with an ArtifactDetector (its `predict`, resize mode): per-image artifact area
-    (fraction of pixels with score >= threshold) and mean score."""
-    maps = [h.scores for h in detector.predict(list(images))]
-    return AreaScore(detector=str(detector.detector_id), threshold=float(threshold),
-                     areas=tuple(float((m >= threshold).mean()) for m in maps),
-                     scores=tuple(float(m.mean()) for m in maps), maps=tuple(maps))
-
-
-def evaluate_area(pipe, detector, prompts: Sequence[str], seeds: Sequence[int], *, num_inference_steps: int,
-                  guidance_scale: float, width: int, height: int, threshold: float = EVAL_THRESHOLD,
-                  should_stop: StopFn | None = None) -> tuple[list[np.ndarray], AreaScore] | None:
-    """`generate_eval_images` then `score_area`: (images, score), or None when stopped."""
-    images = generate_eval_images(pipe, prompts, seeds, num_inference_steps=num_inference_steps,
-                                  guidance_scale=guidance_scale, width=width, height=height, should_stop=should_stop)
-    return None if images is None else (images, score_area(detector, images, threshold))
-
-
-def paired_change(before: AreaScore, after: AreaScore) -> dict:
-    """After minus before over paired images (same prompt and seed): {"artifact_area", "mean_score", "lower",
-    "higher", "same"}, the last three counting images whose artifact area went down, up or stayed."""
-    if len(before.areas) != len(after.areas):
-        raise ValueError(f"Paired scores need the same images, got {len(before.areas)} before and "
-                         f"{len(after.areas)} after.")
-    delta = np.asarray(after.areas) - np.asarray(before.areas)
-    return {"artifact_area": after.artifact_area - before.artifact_area,
-            "mean_score": after.mean_score - before.mean_score,
-            "lower": int((delta < 0).sum()), "higher": int((delta > 0).sum()), "same": int((delta == 0).sum())}
-
-
-def apply_lora(pipe, lora_dir: str | os.PathLike | None, scale: float = 1.0) -> None:
-    """Switch a LoRA on (`lora_dir`, weighted by `scale`) or off (None) for a diffusers pipeline.
-
-    Any LoRA loaded before is unloaded first, so calling this again replaces it; switching off
-    removes every LoRA layer, so the pipeline gives exactly its original pixels again.
-    """
-    if lora_dir is None:
-        pipe.unload_lora_weights()
-        return
-    folder = Path(lora_dir).expanduser()
-    if not folder.is_dir() or not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-        raise ValueError(f"LoRA folder '{lora_dir}' does not exist or holds no LoRA weights (*.safetensors).")
-    if not -10.0 <= float(scale) <= 10.0:
-        raise ValueError(f"LoRA scale must be between -10 and 10, got {scale}.")
-    from safetensors import SafetensorError
-
-    pipe.unload_lora_weights()
-    try:
-        pipe.load_lora_weights(str(folder), adapter_name=LORA_ADAPTER)
-    except (SafetensorError, OSError, EOFError) as exc:
-        pipe.unload_lora_weights()
-        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
-        raise ValueError(f"The LoRA weights in '{lora_dir}' are damaged or truncated ({reason}).") from None
-    pipe.set_adapters([LORA_ADAPTER], adapter_weights=[float(scale)])
-
-
-# ----------------------------------------------------------------------------------------------
 # One training step
 
 
@@ -683,68 +493,12 @@ class _Trainer:
 
 
 # ----------------------------------------------------------------------------------------------
-# Adapters, saving, results
-
-
-def check_pipeline(pipe) -> None:
-    for name in ("unet", "vae", "scheduler", "encode_prompt"):
-        if getattr(pipe, name, None) is None:
-            raise ValueError(f"LoRA tuning needs a Stable-Diffusion-style pipeline with a UNet; "
-                             f"{type(pipe).__name__} has no {name}.")
-    if getattr(pipe.unet.config, "addition_embed_type", None) or getattr(pipe, "text_encoder_2", None) is not None:
-        raise ValueError(f"LoRA tuning supports Stable Diffusion 1.x/2.x-style pipelines; {type(pipe).__name__} "
-                         "(SDXL-style, with added conditioning) is not supported yet.")
-    if getattr(pipe.unet, "peft_config", None):
-        raise ValueError("The pipeline already has a LoRA loaded; switch it off (apply_lora(pipe, None)) before tuning.")
+# Size, results
 
 
 def _size(pipe, config: TuneConfig) -> tuple[int, int]:
     side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     return int(config.width or side), int(config.height or side)
-
-
-def add_lora_adapter(unet, config: TuneConfig) -> list:
-    """LoRA on the attention projections; returns the trainable (LoRA) parameters, cast to float32."""
-    from peft import LoraConfig
-
-    lora = LoraConfig(r=int(config.rank), lora_alpha=float(config.alpha), init_lora_weights="gaussian",
-                      target_modules=list(LORA_TARGETS))
-    unet.requires_grad_(False)
-    unet.add_adapter(lora, adapter_name=ADAPTER)
-    params = [p for n, p in unet.named_parameters() if "lora_" in n]
-    if not params:
-        raise ValueError("The UNet has no attention projections (to_q/to_k/to_v/to_out.0) to put LoRA adapters on.")
-    for p in params:
-        p.data = p.data.float()
-        p.requires_grad_(True)
-    return params
-
-
-def save_lora(pipe, lora_dir: Path) -> None:
-    """Diffusers LoRA format (`pytorch_lora_weights.safetensors`), with rank/alpha metadata; written to a
-    temporary sibling and renamed, so a reader never sees half a LoRA."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    unet = pipe.unet
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER))
-    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    metadata = unet.peft_config[ADAPTER].to_dict()
-    saver = type(pipe) if hasattr(type(pipe), "save_lora_weights") else StableDiffusionPipeline
-    tmp = lora_dir.with_name(f".{lora_dir.name}.tmp-{os.getpid()}")
-    _remove(tmp)
-    saver.save_lora_weights(str(tmp), unet_lora_layers=state, safe_serialization=True,
-                            unet_lora_adapter_metadata=metadata)
-    _remove(lora_dir)
-    os.replace(tmp, lora_dir)
-
-
-def _remove(path: Path) -> None:
-    import shutil
-
-    if path.exists():
-        shutil.rmtree(path)
 
 
 def _outside_change(before: list[np.ndarray], after: list[np.ndarray], maps_before, maps_after) -> float:

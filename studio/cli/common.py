@@ -39,7 +39,8 @@ def open_services(args, model: str | None = None, uses: str | None = None):
 def session_arg(services, args):
     """The session named by --session. With --create-session a missing one is returned as None and
     only created by `store_into` once the command's work has succeeded."""
-    from studio.store.store import StoreError, check_name
+    from studio.store.checks import check_name
+    from studio.store.store import StoreError
 
     try:
         return services.store.get_session(args.session)

@@ -276,7 +276,7 @@ def read_prediction(path) -> np.ndarray:
 def cmd_import_richhf(args) -> int:
     from engines.images import load_image
     from engines.detection.richhf import CorruptRecord, binarize_artifact_map, match_images, read_richhf
-    from studio.store.store import NewImage, NewMask
+    from studio.store.records import NewImage, NewMask
 
     if not 0.0 < args.threshold <= 1.0:
         raise ValueError(f"--threshold must be in (0, 1], got {args.threshold}.")
@@ -352,7 +352,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_import_masks(args) -> int:
-    from studio.datasets.export import import_masks
+    from studio.datasets.import_masks import import_masks
 
     services = open_services(args)
     try:

@@ -338,7 +338,7 @@ def cmd_import(args) -> int:
     stores them; with --skip-bad, unreadable files are reported and the others imported."""
     from engines.images import display_path, find_images, image_size, load_image
     from studio.safeio import MAX_BATCH_IMAGES, MAX_BATCH_PIXELS
-    from studio.store.store import NewImage
+    from studio.store.records import NewImage
 
     files = find_images(args.paths)
     if not files:

@@ -64,7 +64,8 @@ def _corrupt_into(args, out: Path, seeds: list[int], base, captions: dict, done:
 
     from PIL import Image
 
-    from engines.corruption.corrupt import CorruptParams, random_blob_mask
+    from engines.corruption.corrupt import CorruptParams
+    from engines.corruption.metrics import random_blob_mask
     from engines.images import find_images, load_image
     from studio.datasets.captions import caption_for
     from studio.services import fit_pair
@@ -166,7 +167,7 @@ def cmd_repair(args) -> int:
     from engines.images import load_image
     from engines.generation.repair import RepairParams
     from studio.safeio import Created, atomic_output, check_out_dir
-    from studio.store.store import NewImage
+    from studio.store.records import NewImage
 
     seeds = tuple(parse_seeds(args.seeds))
     if args.image and not args.out:

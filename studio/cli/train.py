@@ -150,7 +150,8 @@ def _check_train_config(config: dict) -> None:
 
 
 def cmd_tune(args) -> int:
-    from engines.training.tune import TuneConfig, split_prompts
+    from engines.training.tune import TuneConfig
+    from engines.training.tune_eval import split_prompts
     from studio.jobs import JobManager
 
     if args.feedback:
@@ -234,9 +235,9 @@ def _tune_lines(result: dict) -> list[str]:
 
 def cmd_tune_feedback(args) -> int:
     """`tune --feedback classifier:SPEC`: DDPO on the LoRA with the classifier's artifact probability as reward.
-    Held-out prompts as in `tune` (engines.training.tune.split_prompts): --eval-prompts FILE, else a seeded --eval-fraction
+    Held-out prompts as in `tune` (engines.training.tune_eval.split_prompts): --eval-prompts FILE, else a seeded --eval-fraction
     (default 0.25) of --prompts that is never trained on."""
-    from engines.training.tune import split_prompts
+    from engines.training.tune_eval import split_prompts
     from engines.training.feedback import FeedbackConfig
     from studio.jobs import JobManager
 

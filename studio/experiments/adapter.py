@@ -67,7 +67,7 @@ def sample(image: np.ndarray, mask: np.ndarray, source: str, name: str):
 
 def best_checkpoint(result_dir: Path) -> Path:
     """The checkpoint chosen on the validation set (`best`), else the last one."""
-    from engines.training.detector import BEST, LAST
+    from engines.training.resume import BEST, LAST
 
     best = Path(result_dir) / BEST
     return best if (best / "detector.json").is_file() else Path(result_dir) / LAST
@@ -170,7 +170,7 @@ def corrupt(engine, image: np.ndarray, region: np.ndarray, params) -> tuple[np.n
 
 def prepare_source(rgb: np.ndarray, max_side: int) -> np.ndarray:
     """Resize/crop a source image for the corruption (sides multiples of 8, longer side <= max_side)."""
-    from engines.corruption.corrupt import prepare_image
+    from engines.corruption.metrics import prepare_image
 
     return prepare_image(rgb, multiple=8, max_side=max_side)
 

@@ -100,7 +100,7 @@ def region_mask(heat: np.ndarray, threshold: float, fallback: float | None) -> t
     """(region, used_fallback): selector probability >= threshold. When that region covers no 8x8 latent
     cell (by the corruption's "area" rule) and `fallback` is F, the F * H * W most probable pixels instead
     (ties broken by position, so the choice is deterministic)."""
-    from engines.corruption.corrupt import latent_mask
+    from engines.corruption.metrics import latent_mask
 
     region = heat >= threshold * 255.0
     if fallback is None or latent_mask(region, "area").any():
@@ -114,7 +114,7 @@ def region_mask(heat: np.ndarray, threshold: float, fallback: float | None) -> t
 
 def run_corrupt(ctx: StepContext, unit: Unit) -> dict | None:
     """One corrupted dataset: every source image's selected region corrupted by this variant."""
-    from engines.corruption.corrupt import latent_mask
+    from engines.corruption.metrics import latent_mask
 
     p = unit.params
     out = ctx.folder(unit)

@@ -77,7 +77,7 @@ class StudioAPI:
         """Add images to the session (gradio_client: `handle_file(path)` for each); all or nothing: one
         unreadable file adds none. Returns the new images like list_images."""
         from engines.images import load_image
-        from studio.store.store import NewImage
+        from studio.store.records import NewImage
 
         sid = self.services.store.get_session(session).id
         items = []
@@ -237,7 +237,7 @@ class StudioAPI:
                 "artifact_area_before": c.artifact_area_before, "artifact_area_after": c.artifact_area_after,
                 "outside_max_change": c.outside_max_change, "image_id": None} for c in result.candidates]
         if keep_best and result.candidates:
-            from studio.store.store import NewImage
+            from studio.store.records import NewImage
 
             best = result.candidates[0]
             rec = self.services.store.add_images(image.session_id, [NewImage(

@@ -63,7 +63,7 @@ def test_repair_shows_candidates_and_slider(studio, page):
     page.get_by_text("Repair: detect → mask → inpaint → re-score").click()
     page.get_by_label("Seeds").last.fill("0,1")
     page.locator("#inspect-repair").click()
-    page.wait_for_function("document.querySelectorAll('#inspect-candidates img').length >= 2", timeout=240_000)
+    page.wait_for_function("document.querySelectorAll('#inspect-candidates img').length >= 2", timeout=1200_000)
     page.wait_for_function("document.querySelectorAll('#inspect-repair-slider img').length >= 2")
     expect(page.locator("#inspect-repair-status")).to_contain_text("changed by at most 0")
     page.locator("#inspect-keep").click()

@@ -29,7 +29,7 @@ def test_click_proposal_class_caption_survives_reload(studio, page):
         box = page.locator("#label-canvas img").bounding_box()
         page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.45)
         try:
-            expect(page.locator("#label-proposals")).to_contain_text("1 (", timeout=30_000)
+            expect(page.locator("#label-proposals")).to_contain_text("1 (", timeout=120_000)  # then click again
             break
         except AssertionError:
             if attempt == 2:
@@ -40,9 +40,9 @@ def test_click_proposal_class_caption_survives_reload(studio, page):
 
     # Keyboard: s asks the classifier for the selected region, a accepts its top class.
     page.keyboard.press("s")
-    expect(page.locator("#label-suggestion")).to_contain_text(re.compile(r"r\d+: .+ \d\.\d\d"), timeout=60_000)
+    expect(page.locator("#label-suggestion")).to_contain_text(re.compile(r"r\d+: .+ \d\.\d\d"), timeout=600_000)
     page.keyboard.press("a")
-    expect(page.locator("#label-regions")).not_to_contain_text("unclassified", timeout=30_000)
+    expect(page.locator("#label-regions")).not_to_contain_text("unclassified", timeout=600_000)
 
     page.locator("#label-class input").click()
     page.get_by_role("option", name="Distorted and Deformated Components").click()

@@ -44,7 +44,7 @@ def mse(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def blob_mask(seed: int) -> np.ndarray:
-    from engines.corruption.corrupt import random_blob_mask
+    from engines.corruption.metrics import random_blob_mask
 
     return random_blob_mask(SIZE, SIZE, seed=seed, coverage=(0.1, 0.15))
 

@@ -14,7 +14,8 @@ import pytest
 from snapshots import snapshot
 from PIL import Image
 
-from studio.store.store import NewImage, NewMask, Store
+from studio.store.records import NewImage, NewMask
+from studio.store.store import Store
 
 NOISE = np.random.default_rng(0).integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
 

@@ -9,7 +9,8 @@ import pytest
 
 from engines.detection.detectors import load_detector
 from studio.jobs import JobManager
-from studio.store.store import NewImage, NewMask, Store
+from studio.store.records import NewImage, NewMask
+from studio.store.store import Store
 
 CONFIG = {"arch": "tiny", "steps": 400, "batch_size": 2, "crop": 32, "lr": 1e-3, "eval_every": 5, "seed": 0}
 
@@ -29,7 +30,7 @@ def labelled_session(store: Store) -> int:
     return session.id
 
 
-def wait_for(predicate, seconds: float = 180.0) -> None:
+def wait_for(predicate, seconds: float = 900.0) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
         if predicate():

@@ -214,7 +214,7 @@ def wire_feedback(services, panel: FeedbackPanel) -> None:
 
 @user_errors
 def launch_feedback(services, prompts_text: str, classifier: str, detector: str, steps) -> str:
-    from engines.training.tune import split_prompts
+    from engines.training.tune_eval import split_prompts
     from engines.training.feedback import FeedbackConfig
     from studio.jobs import JobManager
 

@@ -21,7 +21,7 @@ from engines.corruption.corrupt import METHODS, PRESETS, CorruptParams
 from engines.detection.detect import mask_edges
 from studio.datasets.captions import caption_for
 from studio.services import MASK_SOURCES, fit_pair
-from studio.store.store import NewImage, NewMask
+from studio.store.records import NewImage, NewMask
 from studio.web.tabs.common import (Shared, ask_first, bind, confirm_box, gallery_items, keep_running_box, number, owner_of,
                                 page_of, require_session, task_text, user_errors, wire)
 from studio.tasks import duration_text

@@ -13,7 +13,7 @@ import gradio as gr
 import numpy as np
 
 from engines.detection.detect import COLORMAPS, find_regions, mask_edges, render_overlay
-from studio.store.store import NewImage
+from studio.store.records import NewImage
 from studio.web.tabs import classifier_panels
 from studio.web.tabs.common import (GPU, Shared, ask_first, bind, browser_state, confirm_box, gallery_items,
                                 keep_running_box, number, owner_of, page_of, remember_open, require_session,

@@ -11,7 +11,7 @@ import gradio as gr
 import numpy as np
 
 from engines.detection.detect import score_image
-from studio.store.store import NewMask
+from studio.store.records import NewMask
 from studio.web.tabs import classifier_panels
 from studio.web.tabs.label_screen import (LabelView, definition, need_image, pending_drafts, render,
                                           screen, selected_region, view_of)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import gradio as gr
 
 from engines.images import load_image
-from studio.store.store import NewImage
+from studio.store.records import NewImage
 from studio.web.tabs import classifier_panels
 from studio.web.tabs.common import (Shared, bind, gallery_items, require_session, session_choices, user_errors, user_message,
                                 wire)

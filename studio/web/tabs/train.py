@@ -211,7 +211,8 @@ def launch_job(services, session_id, kind, arch, init, pseudo, steps, batch, cro
     device = None if device in (None, "", "auto") else device
     seed = number(seed if seed not in (None, "") else 0, "Seed", minimum=0, maximum=2**32 - 1, whole=True)
     if kind == "diffusion LoRA":
-        from engines.training.tune import TuneConfig, split_prompts
+        from engines.training.tune import TuneConfig
+        from engines.training.tune_eval import split_prompts
 
         lines = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
         if not lines:

@@ -8,6 +8,10 @@ import pytest
 import torch
 
 from engines.classification import classify as C
+from engines.classification.crops import crop_with_context, draw_box, resize_rgb
+from engines.classification.prompts import (ANSWER_PREFIX, NO_SPELLINGS, YES_SPELLINGS, build_question, caption_prefix,
+                                            cut_caption, parse_answer, render_answer, yesno_question)
+from engines.classification.vlm import save_tiny_vlm
 from engines.models import ModelNotFoundError
 
 TAX = [{"name": "blur", "definition": "soft patch"}, {"name": "extra fingers", "definition": "too many"},
@@ -16,7 +20,7 @@ TAX = [{"name": "blur", "definition": "soft patch"}, {"name": "extra fingers", "
 
 @pytest.fixture(scope="module")
 def vlm_dir(tmp_path_factory):
-    return C.save_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm"), seed=3)
+    return save_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm"), seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -30,27 +34,27 @@ def rgb(h, w, seed=0):
 
 # ------------------------------------------------------------------ template and parsing
 def test_question_lists_options_with_explanations_and_the_reference_answer():
-    q = C.build_question(TAX)
+    q = build_question(TAX)
     assert "A. blur: soft patch" in q and "B. extra fingers: too many" in q and "\nC. glow\n" in q
     reference = q[q.index("reference answer: ") + len("reference answer: "):]
-    assert C.parse_answer(reference, TAX) == [("blur", "where the artifact is and what is wrong")]
-    assert "outlined region" in C.build_question(TAX, "box") and "crop around one region" in C.build_question(TAX, "crop")
-    assert C.yesno_question(TAX, 1).endswith("does the image show option B (extra fingers)? Answer yes or no.")
+    assert parse_answer(reference, TAX) == [("blur", "where the artifact is and what is wrong")]
+    assert "outlined region" in build_question(TAX, "box") and "crop around one region" in build_question(TAX, "crop")
+    assert yesno_question(TAX, 1).endswith("does the image show option B (extra fingers)? Answer yes or no.")
 
 
 def test_answers_render_and_parse_back():
-    text = C.render_answer(TAX, [("glow", "  a halo\naround the lamp "), ("blur", None), ("hands", "six fingers")])
+    text = render_answer(TAX, [("glow", "  a halo\naround the lamp "), ("blur", None), ("hands", "six fingers")])
     data = json.loads(text)
     assert data == {"artifacts": [{"option": "C", "class": "glow", "caption": "a halo around the lamp"},
                                   {"option": "A", "class": "blur", "caption": "blur"}], "other": "six fingers"}
-    assert C.parse_answer(text, TAX) == [("glow", "a halo around the lamp"), ("blur", "blur")]
+    assert parse_answer(text, TAX) == [("glow", "a halo around the lamp"), ("blur", "blur")]
     # letters win over names, names are case-insensitive, unknown items and non-JSON are dropped
-    assert C.parse_answer('x {"artifacts": [{"option": "b"}, {"class": "GLOW", "caption": 3}, {"option": "Q"}]}', TAX) \
+    assert parse_answer('x {"artifacts": [{"option": "b"}, {"class": "GLOW", "caption": 3}, {"option": "Q"}]}', TAX) \
         == [("extra fingers", ""), ("glow", "3")]
-    assert C.parse_answer("no json here", TAX) == [] and C.parse_answer("{broken", TAX) == []
-    assert C._cut_caption('six \\"odd\\" fingers" , "x') == 'six "odd" fingers'
+    assert parse_answer("no json here", TAX) == [] and parse_answer("{broken", TAX) == []
+    assert cut_caption('six \\"odd\\" fingers" , "x') == 'six "odd" fingers'
     with pytest.raises(ValueError, match="unique"):
-        C.build_question([{"name": "a"}, {"name": "a"}])
+        build_question([{"name": "a"}, {"name": "a"}])
 
 
 # ------------------------------------------------------------------ option scoring vs a manual log-softmax
@@ -72,11 +76,11 @@ def test_yes_no_scoring_matches_a_manual_log_softmax(vlm):
     image = rgb(40, 50, 1)
     (result,) = vlm.classify([image], captions=False)
     tok = vlm.loaded.model.tokenizer
-    yes, no = first_ids(tok, C.YES_SPELLINGS), first_ids(tok, C.NO_SPELLINGS)
+    yes, no = first_ids(tok, YES_SPELLINGS), first_ids(tok, NO_SPELLINGS)
     yes, no = sorted(yes - no), sorted(no - yes)  # the byte tokenizer shares " " between " yes" and " no"
     assert yes and no and len(yes) == 2  # "y", "Y"
     for k, (name, p) in enumerate(result.probabilities):
-        logp = manual_logprobs(vlm, vlm.loaded.model.prompt(C.yesno_question(TAX, k)), image)
+        logp = manual_logprobs(vlm, vlm.loaded.model.prompt(yesno_question(TAX, k)), image)
         p_yes, p_no = logp[yes].exp().sum(), logp[no].exp().sum()
         assert name == TAX[k]["name"]
         assert p == pytest.approx(float(p_yes / (p_yes + p_no)), abs=1e-5)
@@ -88,7 +92,7 @@ def test_letter_scoring_is_a_softmax_over_option_letters_and_captions_continue_t
     image = rgb(32, 32, 2)
     (result,) = clf.classify([image])
     vlm = clf.loaded.model
-    logp = manual_logprobs(clf, vlm.prompt(C.build_question(TAX)) + C.ANSWER_PREFIX, image)
+    logp = manual_logprobs(clf, vlm.prompt(build_question(TAX)) + ANSWER_PREFIX, image)
     groups = [first_ids(vlm.tokenizer, [L, " " + L]) for L in "ABC"]
     shared = groups[0] & groups[1]  # " A", " B", " C" all start with the byte token for " "
     assert shared and all(len(g - shared) == 1 for g in groups)
@@ -96,17 +100,17 @@ def test_letter_scoring_is_a_softmax_over_option_letters_and_captions_continue_t
     assert [p for _, p in result.probabilities] == pytest.approx((masses / masses.sum()).tolist(), abs=1e-5)
     (pred,) = result.predicted  # letter scoring predicts the top option
     assert pred.class_name == TAX[int(masses.argmax())]["name"]
-    prompt = vlm.prompt(C.build_question(TAX)) + C.caption_prefix(TAX, int(masses.argmax()))
-    assert pred.caption == C._cut_caption(vlm.generate([prompt], [image], clf.spec.max_caption_tokens)[0])
+    prompt = vlm.prompt(build_question(TAX)) + caption_prefix(TAX, int(masses.argmax()))
+    assert pred.caption == cut_caption(vlm.generate([prompt], [image], clf.spec.max_caption_tokens)[0])
     assert '"' not in pred.caption
 
 
 def test_regions_crop_with_context_or_draw_the_box_and_batching_changes_nothing(vlm, vlm_dir):
     image = rgb(60, 80, 4)
-    assert C.crop_with_context(image, (10, 20, 29, 29), 0.5).shape == (32, 40, 3)  # x 0..39; y 9..40 (min 32 px)
-    assert C.crop_with_context(image, (10, 20, 29, 29), 0.5, min_side=8).shape == (20, 40, 3)  # y 15..34
-    assert C.crop_with_context(image, (40, 30, 40, 30), 0.5, min_side=32).shape == (32, 32, 3)
-    boxed = C.draw_box(image, (10, 20, 29, 29), width=2)
+    assert crop_with_context(image, (10, 20, 29, 29), 0.5).shape == (32, 40, 3)  # x 0..39; y 9..40 (min 32 px)
+    assert crop_with_context(image, (10, 20, 29, 29), 0.5, min_side=8).shape == (20, 40, 3)  # y 15..34
+    assert crop_with_context(image, (40, 30, 40, 30), 0.5, min_side=32).shape == (32, 32, 3)
+    boxed = draw_box(image, (10, 20, 29, 29), width=2)
     assert (boxed[20, 15] == [255, 0, 0]).all() and (boxed[25, 15] == image[25, 15]).all()
     regions = [[(10, 20, 29, 29), (0, 0, 79, 59)], []]
     images = [image, rgb(20, 20, 5)]
@@ -162,7 +166,7 @@ def test_a_saved_head_loads_and_scores_resized_crops_with_a_sigmoid(tmp_path):
     assert clf.fixed_classes and clf.spec.threshold == 0.4 and [c["name"] for c in clf.classes(["ignored"])] == ["blur", "extra fingers", "glow"]
     image = rgb(50, 70, 6)
     results = clf.classify([image], [[(20, 10, 39, 29)]])
-    crop = C.resize_rgb(C.crop_with_context(image, (20, 10, 39, 29), 0.5), 32, 32)
+    crop = resize_rgb(crop_with_context(image, (20, 10, 39, 29), 0.5), 32, 32)
     x = torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.no_grad():
         expected = torch.sigmoid(net.eval()(x))[0].tolist()

@@ -14,10 +14,12 @@ import math
 import numpy as np
 import pytest
 
-from engines.corruption.corrupt import (BASELINES, METHODS, PRESETS, RESAMPLED_BASELINES, Cancelled, CorruptParams, Inversion,
-                             RegionCorruptor, corrupted_latent, label_mask, latent_mask, measure, prepare_image,
-                             random_blob_mask, seeded_noise)
+from engines.corruption.corrupt import (BASELINES, METHODS, PRESETS, RESAMPLED_BASELINES, CorruptParams, RegionCorruptor,
+                                        corrupted_latent, seeded_noise)
+from engines.corruption.inversion import Inversion
+from engines.corruption.metrics import label_mask, latent_mask, measure, prepare_image, random_blob_mask
 from engines.corruption.renoise import RENOISE_FIELDS
+from engines.progress import Cancelled
 
 N, K, B = 10, 4, 6  # steps, inverted steps of the proposed method, of the baselines (test-sized; default 20)
 INV_SD = 3 + 3 + 3 + 2  # UNet rows of the renoise-sd inversion at k=4: [z0, z] + renoise per early step; late: 2

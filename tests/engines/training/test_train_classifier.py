@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from engines.classification import classify as C
+from engines.classification.prompts import build_question, parse_answer
+from engines.classification.vlm import save_tiny_vlm
 from engines.training.classifier import (ClassifierSample, ClassifierTrainConfig, classification_metrics, train_head,
                                       train_vlm, vlm_batch, vlm_pairs)
 
@@ -73,7 +75,7 @@ def test_the_head_learns_from_regions_and_resumes(tmp_path):
 
 @pytest.fixture(scope="module")
 def vlm_dir(tmp_path_factory):
-    return C.save_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm"), seed=1, image_size=16)
+    return save_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm"), seed=1, image_size=16)
 
 
 def test_training_pairs_label_only_the_answer(vlm_dir):
@@ -81,9 +83,9 @@ def test_training_pairs_label_only_the_answer(vlm_dir):
     sample = blob_samples(1, 3)[0]
     pairs = vlm_pairs(sample, TAX, "crop", np.random.default_rng(0))
     (picture, question, answer), (_, yes_q, yes_a) = pairs
-    assert question == C.build_question(TAX, "crop")
-    assert C.parse_answer(answer, TAX) == [("red", "a red square")]
-    assert yes_q.startswith(C.build_question(TAX, "crop")) and yes_a in ("yes", "no")
+    assert question == build_question(TAX, "crop")
+    assert parse_answer(answer, TAX) == [("red", "a red square")]
+    assert yes_q.startswith(build_question(TAX, "crop")) and yes_a in ("yes", "no")
     assert yes_a == "yes" if "option A" in yes_q else yes_a == "no"
     batch = vlm_batch(loaded.model, pairs)
     tok = loaded.model.tokenizer

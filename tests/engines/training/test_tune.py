@@ -24,7 +24,9 @@ from engines.detection.detect import ArtifactDetector
 from engines.detection.detectors import DEMO_LOGIT_SCALE, DetectorSpec, load_detector, save_detector, tiny_upernet_config
 from engines.generation.generate import to_uint8
 from engines.models import load_text2image
-from engines.training.tune import TuneConfig, apply_lora, artifact_loss, split_prompts, tune_lora
+from engines.training.lora import apply_lora
+from engines.training.tune import TuneConfig, tune_lora
+from engines.training.tune_eval import artifact_loss, split_prompts
 
 TRAIN_PROMPTS = ["a cat on a sofa", "a red house"]
 EVAL_PROMPTS = ["a bowl of fruit", "a dog in the snow"]

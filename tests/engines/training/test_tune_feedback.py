@@ -68,7 +68,7 @@ def head(tmp_path):
 
 
 def test_a_positive_advantage_makes_its_trajectory_more_likely_and_a_negative_one_less(text2image):
-    from engines.training.tune import add_lora_adapter
+    from engines.training.lora import add_lora_adapter
 
     pipe = text2image.loaded.model
     config = FeedbackConfig(num_inference_steps=3, rank=4, alpha=4.0, lr=1e-2, clip_range=0.5, width=64, height=64)
@@ -102,7 +102,7 @@ def test_a_positive_advantage_makes_its_trajectory_more_likely_and_a_negative_on
 def test_tune_feedback_runs_reports_before_after_and_restores_the_pipeline(text2image, head, tmp_path):
     from engines.detection.detect import ArtifactDetector
     from engines.detection.detectors import load_detector
-    from engines.training.tune import apply_lora
+    from engines.training.lora import apply_lora
 
     pipe = text2image.loaded.model
     detector = ArtifactDetector(load_detector("demo", data_dir=tmp_path / "data"))

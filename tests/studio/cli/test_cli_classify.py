@@ -12,8 +12,11 @@ from PIL import Image
 
 import app
 from engines.classification import classify as C
+from engines.classification.prompts import build_question, parse_answer
+from engines.classification.vlm import save_tiny_vlm
 from studio.services import Services, default_taxonomy
-from studio.store.store import NewImage, NewMask, Store
+from studio.store.records import NewImage, NewMask
+from studio.store.store import Store
 
 TAX = [{"name": "red", "definition": "a red blob"}, {"name": "blue", "definition": "a blue blob"}]
 
@@ -133,7 +136,7 @@ def test_export_vlm_writes_conversations_split_by_family(capsys, session, tmp_pa
             assert row["conversations"] == [{"from": "human", "value": "<image>\n" + question},
                                             {"from": "gpt", "value": answer}]
             if row["task"] == "answer":
-                assert question == C.build_question(TAX) and len(C.parse_answer(answer, TAX)) == 1
+                assert question == build_question(TAX) and len(parse_answer(answer, TAX)) == 1
             else:
                 assert answer in ("yes", "no")
     images = {split: {r["image"] for r in lines} for split, lines in rows.items()}
@@ -277,5 +280,5 @@ def test_train_classifier_checks_a_vlm_spec_before_any_job_exists(capsys, sessio
         assert rc == 1 and one_error_line(err, words), (spec, err)
     with Store(data) as store:
         assert store.list_jobs() == []
-    vlm = C.save_tiny_vlm(tmp_path / "tiny-vlm", seed=3)
+    vlm = save_tiny_vlm(tmp_path / "tiny-vlm", seed=3)
     C.check_classifier(f"vlm:{vlm}")  # config read and kind checked; nothing raised

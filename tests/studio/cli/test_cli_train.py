@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 import app
-from studio.store.store import NewImage, NewMask, Store
+from studio.store.records import NewImage, NewMask
+from studio.store.store import Store
 
 
 def cli(capsys, *argv) -> tuple[int, list[str], list[str]]:

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from studio.datasets.export import EXPORT_FORMATS, ImportSummary, export_session, import_masks, safe_name
-from studio.store.store import NewImage, NewMask, Store
+from studio.datasets.export import EXPORT_FORMATS, export_session, safe_name
+from studio.datasets.import_masks import ImportSummary, import_masks
+from studio.store.records import NewImage, NewMask
+from studio.store.store import Store
 
 ROOT = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.filterwarnings(  # pycocotools' Cython decode under numpy 2, not ours

@@ -10,7 +10,8 @@ import pytest
 from studio.datasets.export import export_session, safe_name
 from studio.services import Services
 from studio.datasets.splits import EXCLUDED, family_roots, plan_split, split_families
-from studio.store.store import NewImage, NewMask, Store
+from studio.store.records import NewImage, NewMask
+from studio.store.store import Store
 from studio.datasets.training_data import detector_samples, read_test_folder
 
 TAXONOMY = [{"name": "distortion", "definition": ""}]

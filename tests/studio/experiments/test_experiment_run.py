@@ -72,7 +72,7 @@ eval_every = 4
 [table3]
 steps = [9, 8, 7, 6, 5, 4]
 """
-TIMEOUT = 1200
+TIMEOUT = 3600  # safety nets only: every wait below is for an event
 
 
 def _command(cfg: Path, data: Path, out: Path) -> list[str]:

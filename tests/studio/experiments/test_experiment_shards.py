@@ -49,7 +49,7 @@ def _run(run_dir: Path, data_dir: Path, step: str, world: int) -> None:
                               env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for r in range(world)]
     for proc in procs:
-        _, err = proc.communicate(timeout=600)
+        _, err = proc.communicate(timeout=2400)
         assert proc.returncode == 0, err[-3000:]
 
 

@@ -9,7 +9,8 @@ import pytest
 import studio.store.store as store_module
 import studio.store.schema as store_schema
 from studio.datasets.captions import caption_for, match_captions, read_captions
-from studio.store.store import MIGRATIONS, NewImage, Store, StoreError
+from studio.store.records import NewImage
+from studio.store.store import MIGRATIONS, Store, StoreError
 
 
 def rgb(seed: int) -> np.ndarray:

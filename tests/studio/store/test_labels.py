@@ -9,7 +9,8 @@ import pytest
 
 import studio.store.store as store_module
 import studio.store.schema as store_schema
-from studio.store.store import LabelState, NewImage, NewMask, Store, StoreError
+from studio.store.records import LabelState, NewImage, NewMask
+from studio.store.store import Store, StoreError
 
 H, W = 12, 16
 LABEL_TABLES = ("label_states", "label_heads", "masks", "taxonomies")

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from studio.store.store import ImageRecord, MIGRATIONS, NewImage, Store, StoreError
+from studio.store.records import ImageRecord, NewImage
+from studio.store.store import MIGRATIONS, Store, StoreError
 
 TABLES = ("sessions", "images", "generations", "masks", "jobs", "migrations")
 

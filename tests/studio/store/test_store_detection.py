@@ -10,7 +10,8 @@ from PIL import Image
 
 import studio.store.store as store_module
 import studio.store.schema as store_schema
-from studio.store.store import NewImage, NewMask, Store, StoreError
+from studio.store.records import NewImage, NewMask
+from studio.store.store import Store, StoreError
 
 TABLES = ("sessions", "images", "masks", "detector_runs", "heatmaps")
 

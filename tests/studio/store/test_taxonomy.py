@@ -6,10 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
+import studio.store.checks as store_checks
+import studio.store.labels as store_labels
 import studio.store.store as store_module
 import studio.store.schema as store_schema
 from studio.services import ASSETS_DIR, default_taxonomy
-from studio.store.store import NewImage, Store
+from studio.store.records import NewImage
+from studio.store.store import Store
 
 OLD_AUTHORS = ("human", "sam-assisted", "detector", "synthetic")
 
@@ -33,7 +36,8 @@ def test_m7_keeps_existing_sessions_classes_and_widens_mask_authors(tmp_path: Pa
     data = tmp_path / "old"
     with monkeypatch.context() as m:
         m.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:4])
-        m.setattr(store_module, "MASK_AUTHORS", OLD_AUTHORS)
+        m.setattr(store_checks, "MASK_AUTHORS", OLD_AUTHORS)
+        m.setattr(store_labels, "MASK_AUTHORS", OLD_AUTHORS)
         with Store(data) as old:
             implicit = old.create_session("implicit")
             custom = old.create_session("custom")

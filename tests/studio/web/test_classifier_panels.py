@@ -11,7 +11,7 @@ from gradio.exceptions import Error as GrError
 
 from engines.classification import classify as C
 from studio.services import Services
-from studio.store.store import NewImage, NewMask
+from studio.store.records import NewImage, NewMask
 from studio.web.tabs import classifier_panels as P
 from studio.web.tabs import inspect, label, label_screen
 from studio.web.tabs.common import PerBrowser, Shared

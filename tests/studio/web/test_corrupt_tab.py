@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from studio.services import Services
-from studio.store.store import NewImage
+from studio.store.records import NewImage
 from studio.web.tabs import corrupt
 from studio.web.tabs.common import PerBrowser, Shared
 

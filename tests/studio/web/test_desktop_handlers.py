@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from studio.services import Services
-from studio.store.store import NewImage
+from studio.store.records import NewImage
 from studio.web.tabs import generate, inspect, train
 from studio.web.tabs.common import PerBrowser, Shared, keep_on_error, number, user_message
 
@@ -46,7 +46,7 @@ def session(services):
     return info.id, [r.id for r in recs]
 
 
-def wait_task(services, owner: str = "browser-1", kind: str = "generate", timeout: float = 120):
+def wait_task(services, owner: str = "browser-1", kind: str = "generate", timeout: float = 900):
     end = time.time() + timeout
     while time.time() < end:
         live = [t for t in services.tasks.tasks(owner, kind) if t.live]
@@ -120,7 +120,7 @@ def test_generation_runs_as_a_task_a_second_page_sees_it_and_stop_saves_nothing(
     status, timer = generate.attach_generation(services, client="browser-1", request=request("page-2"))
     assert timer.active is True and ("Queued" in status or "of 150" in status or "Loading" in status)
     task = services.tasks.tasks("browser-1", "generate")[0]
-    end = time.time() + 120
+    end = time.time() + 900
     while task.step < 2 and time.time() < end:
         time.sleep(0.05)
     polled = generate.poll_generation(services, sid, client="browser-1", request=request("page-2"))
@@ -307,9 +307,10 @@ def test_api_preview_files_older_than_a_day_are_removed(services, tmp_path):
 
 @pytest.fixture
 def lora_dir(tmp_path):
-    """A real (random, rank-2) diffusers-format LoRA for the demo UNet, written by engines.training.tune's saver."""
+    """A real (random, rank-2) diffusers-format LoRA for the demo UNet, written by engines.training.lora's saver."""
     from engines.models import build_demo_pipeline
-    from engines.training.tune import TuneConfig, add_lora_adapter, save_lora
+    from engines.training.lora import add_lora_adapter, save_lora
+    from engines.training.tune import TuneConfig
 
     import torch
 

@@ -13,7 +13,7 @@ from gradio.exceptions import Error as GrError
 
 from engines.detection.detect import score_image
 from studio.services import Services, default_taxonomy
-from studio.store.store import NewImage
+from studio.store.records import NewImage
 from engines.detection.detect import mask_edges
 from studio.web.tabs import label, label_screen
 from studio.web.tabs.common import PerBrowser, Shared

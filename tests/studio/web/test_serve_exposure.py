@@ -30,7 +30,7 @@ def free_port() -> int:
 
 def status(opener, url: str, data: bytes | None = None) -> tuple[int, bytes]:
     try:
-        with opener.open(url, data=data, timeout=30) as resp:
+        with opener.open(url, data=data, timeout=300) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as err:
         return err.code, err.read()
@@ -45,7 +45,7 @@ def auth_server(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "app.py", "--data-dir", str(data), "--port", str(port),
                              "--auth", "ann:secret-pass"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
+    deadline = time.time() + 900
     while True:
         if proc.poll() is not None:
             raise RuntimeError("server exited:\n" + Path(log.name).read_text())
@@ -62,7 +62,7 @@ def auth_server(tmp_path_factory):
     yield url, data, Path(log.name)
     proc.terminate()
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
@@ -116,7 +116,7 @@ def test_served_and_private_paths(tmp_path):
 
 def test_ui_exports_stay_inside_the_export_root(tmp_path):
     from studio.services import Services
-    from studio.store.store import NewImage
+    from studio.store.records import NewImage
     from studio.web.tabs.sessions import export_labels
 
     services = Services.open(tmp_path / "data")
