@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 from pathlib import Path
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -72,7 +71,7 @@ def serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from engines.models import pick_device
     from studio.doctor import startup_check
-    from studio.services import ASSETS_DIR, Services, quiet_libraries, resolve_data_dir
+    from studio.services import ASSETS_DIR, Services, quiet_libraries, resolve_data_dir, warm_up_libraries
     from studio.web.ui import HEAD, build_ui
 
     quiet_libraries(now=False)  # torch, diffusers and transformers load after the page is up (warm_up)
@@ -102,20 +101,9 @@ def serve(args: argparse.Namespace) -> int:
         app_kwargs=app_kwargs, ssr_mode=False, show_error=True, footer_links=["settings"], head=HEAD,
         prevent_thread_lock=True,
     )
-    threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
+    warm_up_libraries()  # torch, diffusers, transformers: imported now that the page is served
     demo.block_thread()
     return 0
-
-
-def warm_up() -> None:
-    """After the page is served: import the heavy libraries (torch, diffusers, transformers) and quiet them,
-    so the first model run does not pay for the imports. A failure here is left to that first run."""
-    from studio.services import quiet_libraries
-
-    try:
-        quiet_libraries()
-    except Exception:  # noqa: BLE001 - the first real use reports any import problem in one sentence
-        pass
 
 
 if __name__ == "__main__":

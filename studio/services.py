@@ -46,6 +46,35 @@ def quiet_libraries(now: bool = True) -> None:
         lib.set_verbosity_error()
 
 
+_LIBRARIES_READY = threading.Event()
+_LIBRARIES_READY.set()  # nothing to wait for unless warm_up_libraries() is running
+
+
+def warm_up_libraries() -> threading.Thread:
+    """Import torch, diffusers and transformers (quieted) on a background thread; `serve` calls it once the
+    page is up. Until it ends, `wait_for_libraries()` blocks: two threads importing these packages at once
+    can each see the other's half-initialised module (diffusers' lazy module raised "cannot import name
+    'AutoPipelineForText2Image'"), so every UI event and API call waits for the warm-up first."""
+    _LIBRARIES_READY.clear()
+
+    def run() -> None:
+        try:
+            quiet_libraries()
+        except Exception:  # noqa: BLE001 - the first real use reports an import problem in one sentence
+            pass
+        finally:
+            _LIBRARIES_READY.set()
+
+    thread = threading.Thread(target=run, name="warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
+def wait_for_libraries() -> None:
+    """Return once no warm-up import is running (at once when none was started)."""
+    _LIBRARIES_READY.wait()
+
+
 def resolve_data_dir(cli_value: str | None) -> Path:
     """--data-dir, else $ARTIFACT_STUDIO_HOME, else $XDG_DATA_HOME/artifact-studio (~/.local/share)."""
     if cli_value:

@@ -21,6 +21,7 @@ from typing import Callable
 import gradio as gr
 import numpy as np
 
+from studio.services import wait_for_libraries
 from studio.web.tabs.common import GPU, user_message
 
 API_OWNER = "api"
@@ -31,6 +32,7 @@ def _api_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        wait_for_libraries()  # never import torch/diffusers beside the start-up warm-up thread
         try:
             return fn(*args, **kwargs)
         except ValueError as exc:

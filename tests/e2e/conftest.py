@@ -74,7 +74,7 @@ def browser():
 def page(browser):
     from playwright.sync_api import expect
 
-    expect.set_options(timeout=300_000)  # CI machines are slow and busy: wait for the UI, never assert speed
+    expect.set_options(timeout=int(os.environ.get("E2E_EXPECT_MS", "300000")))  # CI machines are slow and busy: wait for the UI, never assert speed
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(60_000)

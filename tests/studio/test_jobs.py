@@ -13,6 +13,8 @@ from studio.store.records import NewImage, NewMask
 from studio.store.store import Store
 
 CONFIG = {"arch": "tiny", "steps": 400, "batch_size": 2, "crop": 32, "lr": 1e-3, "eval_every": 5, "seed": 0}
+UNTIL_STOPPED = {**CONFIG, "steps": 1_000_000}
+"""A job that only ends when it is cancelled or killed: a cancel never races the job's own end on a busy machine."""
 
 
 def labelled_session(store: Store) -> int:
@@ -42,7 +44,7 @@ def wait_for(predicate, seconds: float = 900.0) -> None:
 def test_job_runs_cancels_with_checkpoint_and_resumes(tmp_path):
     store = Store(tmp_path)
     manager = JobManager(store)
-    job = manager.launch("detector", {"config": CONFIG, "seed": 0}, labelled_session(store))
+    job = manager.launch("detector", {"config": UNTIL_STOPPED, "seed": 0}, labelled_session(store))
     assert job.status == "running" and job.pid
     wait_for(lambda: len(store.job_metrics(job.id)) >= 2)
     manager.cancel(job.id)
@@ -52,7 +54,7 @@ def test_job_runs_cancels_with_checkpoint_and_resumes(tmp_path):
     last = done.result["last_dir"]
     assert load_detector(last, data_dir=tmp_path).extra.family  # the checkpoint is usable as a detector spec
     steps_before = done.result["steps_done"]
-    assert 0 < steps_before < CONFIG["steps"]
+    assert 0 < steps_before < UNTIL_STOPPED["steps"]
     again = manager.resume(job.id)
     assert again.status == "running"
     n = len(store.job_metrics(job.id))
@@ -67,8 +69,8 @@ def test_killed_job_is_marked_interrupted_and_queue_moves_on(tmp_path):
     store = Store(tmp_path)
     manager = JobManager(store)
     sid = labelled_session(store)
-    first = manager.launch("detector", {"config": CONFIG, "seed": 0}, sid)
-    second = manager.launch("detector", {"config": CONFIG, "seed": 1}, sid)
+    first = manager.launch("detector", {"config": UNTIL_STOPPED, "seed": 0}, sid)
+    second = manager.launch("detector", {"config": UNTIL_STOPPED, "seed": 1}, sid)
     assert store.get_job(second.id).status == "queued"  # one job at a time
     manager.kill(first.id)
     wait_for(lambda: bool(manager.recover()) or store.get_job(first.id).status != "running")

@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 import gradio as gr
 
+from studio.services import wait_for_libraries
+
 GPU = "gpu"
 """concurrency_id shared by every event that runs a model, so two tabs never fight over the device."""
 STATE_SECRET = "artifact-studio-browser-state"
@@ -102,6 +104,7 @@ def keep_on_error(fn: Callable, n_outputs: int, status_index: int | None = None)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        wait_for_libraries()  # never import torch/diffusers beside the start-up warm-up thread
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - nothing may replace the screen's content
