@@ -34,6 +34,7 @@ def imported_modules(node: ast.AST) -> set[str]:
     return names
 
 
+@pytest.mark.slow
 def test_engines_import_without_ui_store_or_studio():
     code = """
 import importlib, json, pkgutil, sys
@@ -274,6 +275,7 @@ def subcommands() -> list[str]:
     return sorted(actions[0].choices)
 
 
+@pytest.mark.slow
 def test_every_subcommand_has_a_working_help():
     names = subcommands()
     assert {"serve", "generate", "import", "sessions"} <= set(names)

@@ -141,10 +141,10 @@ def test_label_keeps_its_place_after_a_reload(studio, page):
     page.locator("#label-canvas img").wait_for()
     page.locator("#label-order").get_by_text("session order").click()
     expect(page.locator("#label-progress")).to_contain_text("image #")
-    page.locator("#label-next").click()
-    page.wait_for_timeout(500)
-    page.locator("#label-next").click()
-    page.wait_for_timeout(1500)
+    for _ in range(2):  # each Next is waited for by its effect, not by a clock
+        before = page.locator("#label-progress").inner_text()
+        page.locator("#label-next").click()
+        expect(page.locator("#label-progress")).not_to_have_text(before)
     shown = re.search(r"image #(\d+)", page.locator("#label-progress").inner_text()).group(1)
 
     page.reload()

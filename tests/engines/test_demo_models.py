@@ -53,6 +53,7 @@ def blob_mask(seed: int) -> np.ndarray:
 @pytest.mark.parametrize("prompt, own, other", [("a photo of an astronaut", "astronaut", "chelsea"),
                                                 ("a photo of a cat", "chelsea", "astronaut"),
                                                 ("a cup of coffee", "coffee", "rocket")])
+@pytest.mark.slow
 def test_a_prompt_naming_a_photo_generates_that_photo(text2image, prompt, own, other):
     """At every seed the image is closer (pixel MSE) to the named photo than to another bundled photo;
     on average much closer, and structurally more similar (SSIM). Measured (10 steps, seeds 0-3): MSE
@@ -125,6 +126,7 @@ def test_repair_with_the_demo_models_lowers_the_artifact_area(detector, corrupte
     assert best.outside_max_change == 0
 
 
+@pytest.mark.slow
 def test_the_demo_model_paints_a_memorised_photo_back_at_the_papers_settings(corruptor):
     """Why the demo detector trains on direct corruptions: on a photo the demo model memorised, the paper's
     main method (ReNoise, step 40 of 50, resampled) leaves almost no trace; the direct corruption does."""

@@ -41,6 +41,7 @@ def wait_for(predicate, seconds: float = 900.0) -> None:
     raise AssertionError("timed out")
 
 
+@pytest.mark.slow
 def test_job_runs_cancels_with_checkpoint_and_resumes(tmp_path):
     store = Store(tmp_path)
     manager = JobManager(store)
@@ -65,6 +66,7 @@ def test_job_runs_cancels_with_checkpoint_and_resumes(tmp_path):
     store.close()
 
 
+@pytest.mark.slow
 def test_killed_job_is_marked_interrupted_and_queue_moves_on(tmp_path):
     store = Store(tmp_path)
     manager = JobManager(store)
@@ -139,6 +141,7 @@ def test_launch_records_the_device_and_refuses_one_the_machine_lacks(tmp_path, m
     store.close()
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_only_the_main_one_writes(tmp_path):
     """A detector job under `accelerate launch` with 2 CPU processes (gloo) against the same training in one
     process with the same global batch (4 = 2 x 2). Tolerance: every logged loss within 1e-5 relative,

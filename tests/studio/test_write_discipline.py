@@ -237,6 +237,7 @@ def test_a_real_full_disk_is_one_sentence_and_keeps_nothing(capsys, tmp_path):
 
 
 # ------------------------------------------------------------------ kill -9
+@pytest.mark.slow
 def test_kill_during_import_leaves_only_garbage_that_doctor_removes(capsys, tmp_path):
     """kill -9 while the import writes its files: no row is half there, the leftover content and temp
     files are found by doctor and removed by --fix (start-up removes the temp files)."""
@@ -276,6 +277,7 @@ def test_kill_during_import_leaves_only_garbage_that_doctor_removes(capsys, tmp_
 
 
 # ------------------------------------------------------------------ parallel writers
+@pytest.mark.slow
 def test_two_processes_creating_the_same_session_both_succeed(tmp_path, demo_dir):
     data = tmp_path / "data"
     shutil.copytree(demo_dir, data / "models" / "demo-sd")

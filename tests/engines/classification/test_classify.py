@@ -72,6 +72,7 @@ def first_ids(tokenizer, spellings):
     return {tokenizer.encode(s, add_special_tokens=False)[0] for s in spellings}
 
 
+@pytest.mark.slow
 def test_yes_no_scoring_matches_a_manual_log_softmax(vlm):
     image = rgb(40, 50, 1)
     (result,) = vlm.classify([image], captions=False)

@@ -131,6 +131,7 @@ def image128() -> np.ndarray:
     return np.asarray(Image.fromarray(data.astronaut()).resize((128, 128), Image.LANCZOS))
 
 
+@pytest.mark.slow
 def test_renoise_reconstructs_better_than_plain_ddim(demo, image128, capsys):
     """At the trained demo model's own size (128 px, 16x16 latents). Measured: at 64 px (8x8 latents)
     renoise-sd reconstructs WORSE than DDIM (latent MAE 0.34 vs 0.10) because its autocorrelation

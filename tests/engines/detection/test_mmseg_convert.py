@@ -311,6 +311,7 @@ def test_bad_arguments_raise_value_error():
 
 
 # ------------------------------------------------------------------ through the detector registry
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["swin-tiny", "convnext-tiny"])
 def test_full_size_checkpoint_loads_as_detector(request, mmseg_models, tmp_path, backbone):
     """The real-size layouts (Swin-T 2/2/6/2, ConvNeXt-T 3/3/9/3, head 512 channels) go through load_detector's

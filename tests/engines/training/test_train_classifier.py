@@ -94,6 +94,7 @@ def test_training_pairs_label_only_the_answer(vlm_dir):
         assert tok.decode(labelled).startswith(ans + "</s>")  # the tiny template ends a turn with "</s>\n"
 
 
+@pytest.mark.slow
 def test_lora_fine_tuning_on_a_tiny_llava_learns_and_saves_a_loadable_checkpoint(vlm_dir, tmp_path):
     loaded = C.load_classifier(f"vlm:{vlm_dir}", taxonomy=TAX)
     base_model = loaded.model.model

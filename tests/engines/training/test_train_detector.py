@@ -77,6 +77,7 @@ def trained(task, tmp_path_factory):
 
 # ------------------------------------------------------------------ learning
 
+@pytest.mark.slow
 def test_trained_detector_beats_the_untrained_one_on_held_out_images(task, trained):
     train, val = task
     result, out, rows, _ = trained
@@ -152,6 +153,7 @@ def stop_after(n: int):
     return should_stop
 
 
+@pytest.mark.slow
 def test_resume_after_stop_equals_an_uninterrupted_run(task, tmp_path):
     train, val = task
     cfg = tiny_config(steps=60, eval_every=20, log_every=7, seed=3)
@@ -331,6 +333,7 @@ def test_best_checkpoint_is_chosen_by_val_artifact_iou(task, trained):
     assert selection_score(Metrics(float("nan"), 1.0, 1.0, 1.0, 0, 0, 0, ())) == float("-inf")
 
 
+@pytest.mark.slow
 def test_test_set_is_used_once_on_the_chosen_checkpoint(task, tmp_path):
     """val chooses, test reports: the recorded val numbers are the val set's, the test numbers the test
     set's, measured once with the best checkpoint, and nothing about test enters the metric rows."""

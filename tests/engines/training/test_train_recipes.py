@@ -76,6 +76,7 @@ def test_paper_recipe_trains_with_plain_cross_entropy_uniform_sampling_and_no_ji
     assert not np.allclose(balanced.probabilities, 1 / 6)
 
 
+@pytest.mark.slow
 def test_the_from_scratch_rate_learns_where_the_paper_rate_does_not(tmp_path):
     """The measurement behind SCRATCH_LR, small: 24 images with one obvious square, tiny arch from random
     init, 80 steps at crop 64. 6e-5 (the fine-tuning rate) stays near all-background; SCRATCH_LR learns."""

@@ -110,6 +110,7 @@ def tuned(demo_data_dir, detector, other_detector, tmp_path_factory):
             "pixels_before": pixels_before, "grads": grads, "out": out}
 
 
+@pytest.mark.slow
 def test_tuning_lowers_the_detectors_artifact_score_on_held_out_prompts(tuned):
     result = tuned["result"]
     before, after, change = result.before, result.after, result.change
@@ -302,6 +303,7 @@ def test_held_out_prompts_that_are_training_prompts_are_refused():
 
 
 # ------------------------------------------------------------------ stopping, regulariser, bad input
+@pytest.mark.slow
 def test_should_stop_saves_a_loadable_lora(demo_data_dir, detector, tmp_path):
     loaded = fresh_pipeline(demo_data_dir)
     rows: list[dict] = []
@@ -325,6 +327,7 @@ def test_should_stop_saves_a_loadable_lora(demo_data_dir, detector, tmp_path):
     assert (Path(result.lora_dir) / "pytorch_lora_weights.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_regulariser_on_clean_images_is_logged(demo_data_dir, detector, tmp_path):
     loaded = fresh_pipeline(demo_data_dir)
     rng = np.random.default_rng(0)

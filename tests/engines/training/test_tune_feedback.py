@@ -99,6 +99,7 @@ def test_a_positive_advantage_makes_its_trajectory_more_likely_and_a_negative_on
             pipe.unet.unload_lora()
 
 
+@pytest.mark.slow
 def test_tune_feedback_runs_reports_before_after_and_restores_the_pipeline(text2image, head, tmp_path):
     from engines.detection.detect import ArtifactDetector
     from engines.detection.detectors import load_detector

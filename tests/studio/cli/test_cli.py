@@ -143,6 +143,7 @@ def test_generate_into_unknown_session_fails_cleanly(capsys, data):
     assert session_names(data) == {"existing"}
 
 
+@pytest.mark.slow
 def test_generate_unknown_session_in_a_real_process_has_no_traceback(data):
     create_session(data, "existing")
     proc = cli_subprocess("generate", "--data-dir", data, "--session", "ghost", "--prompt", "x", timeout=600)
@@ -262,6 +263,7 @@ def test_serve_refuses_exposed_hosts_without_auth(capsys, tmp_path, argv, where)
     assert not data_dir.exists()  # refused before the store (or any server) was opened
 
 
+@pytest.mark.slow
 def test_serve_refusal_in_a_real_process_is_immediate(tmp_path):
     data_dir = tmp_path / "never-created"
     for argv in (["serve", "--host", "0.0.0.0"], ["serve", "--share"]):
@@ -295,6 +297,7 @@ def test_failed_command_does_not_create_the_session(capsys, data, tmp_path, case
     assert session_names(data) == {"existing"}
 
 
+@pytest.mark.slow
 def test_broken_model_folder_is_one_stderr_line_in_a_real_process(data, demo_dir, tmp_path):
     broken = tmp_path / "broken-model"
     shutil.copytree(demo_dir, broken)

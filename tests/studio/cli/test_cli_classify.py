@@ -156,6 +156,7 @@ def test_export_vlm_writes_conversations_split_by_family(capsys, session, tmp_pa
     assert plan.split_of[child] == ("train" if plan.split_of[parent] == "train" else "excluded")
 
 
+@pytest.mark.slow
 def test_train_classifier_runs_as_a_job_and_reports_zero_shot_vs_tuned(capsys, session, head_dir):
     data, sid = session
     rc, out, err = cli(capsys, "train-classifier", "--data-dir", data, "--session", sid, "--classifier",

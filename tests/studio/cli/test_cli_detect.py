@@ -63,6 +63,7 @@ def reference(tmp_path):
 
 
 # ------------------------------------------------------------------ detect
+@pytest.mark.slow
 def test_detect_session_samples_writes_files_and_stores_heatmaps(capsys, tmp_path, reference):
     from studio.services import SAMPLES_SESSION, Services
 

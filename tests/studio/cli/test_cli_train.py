@@ -71,6 +71,7 @@ def test_device_the_machine_lacks_and_a_bad_test_folder_change_nothing(capsys, d
         assert store.list_jobs() == []
 
 
+@pytest.mark.slow
 def test_train_export_and_evaluate_share_the_split_and_report_the_test_set(capsys, data, tmp_path):
     rc, out, err = cli(capsys, "train-detector", "--data-dir", data, "--session", "s", "--recipe", "paper",
                        "--arch", "tiny", "--steps", "4", "--batch-size", "2", "--crop", "32", "--eval-every", "2",

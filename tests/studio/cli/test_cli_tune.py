@@ -52,6 +52,7 @@ def lines_file(path: Path, lines: list[str]) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_tune_json_reports_held_out_prompts_and_the_independent_detector(capsys, data, judge, tmp_path):
     prompts, held_out = lines_file(tmp_path / "p.txt", TRAIN), lines_file(tmp_path / "e.txt", HELD_OUT)
     rc, out, err = cli(capsys, "tune", "--data-dir", data, "--prompts", prompts, "--detector", "demo",
@@ -78,6 +79,7 @@ def test_tune_json_reports_held_out_prompts_and_the_independent_detector(capsys,
         assert job.result["independent_after"]["detector"] == str(judge)
 
 
+@pytest.mark.slow
 def test_tune_text_output_with_a_seeded_split(capsys, data, tmp_path):
     prompts = lines_file(tmp_path / "p.txt", TRAIN + HELD_OUT)
     rc, out, err = cli(capsys, "tune", "--data-dir", data, "--prompts", prompts, "--detector", "demo",

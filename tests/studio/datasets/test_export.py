@@ -347,6 +347,7 @@ def _mmcv_ops_stand_in() -> types.ModuleType:
     return ops
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_mmseg_config_builds_its_datasets_and_model(store, src, tmp_path, monkeypatch):
     """The exported config as mmsegmentation reads it: both splits load with 0/1 labels, the UperNet builds

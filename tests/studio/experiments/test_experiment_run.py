@@ -24,6 +24,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # real processes end to end
 ROOT = Path(__file__).resolve().parents[3]
 
 CI_TOML = """

@@ -19,6 +19,7 @@ import pytest
 from studio.experiments.plan import plan, unit_done
 from studio.experiments.runner import prepare_run
 from studio.experiments.config import resolve
+pytestmark = pytest.mark.slow  # real processes end to end
 ROOT = Path(__file__).resolve().parents[3]
 CONFIG = {
     "experiment": {"name": "shards", "tables": ["table1"], "seeds": [0], "threads": 1},

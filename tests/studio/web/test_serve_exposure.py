@@ -19,6 +19,7 @@ import pytest
 
 from studio.web.exposure import PRIVATE_NAMES, private_paths, served_folders
 
+pytestmark = pytest.mark.slow  # real processes end to end
 ROOT = Path(__file__).resolve().parents[3]
 
 

@@ -47,6 +47,7 @@ def test_the_tab_builds_and_a_recipe_fills_its_knobs():
     assert balanced["sampling"] == "balanced" and balanced["artifact_weight"] == "auto"
 
 
+@pytest.mark.slow
 def test_launch_passes_every_knob_and_the_device(services, monkeypatch):
     import torch
 
