@@ -3,7 +3,7 @@
 Each trial starts a fresh process and polls http://127.0.0.1:PORT/ until it answers 200; the time is from
 the process start to that answer. Three kinds, interleaved so machine load hits them alike:
 
-- bare   `gr.Blocks().launch(ssr_mode=False)` in a fresh interpreter (the reference: Gradio's own start)
+- bare   an empty `gr.Blocks()` launched (ssr_mode=False) in a fresh interpreter: Gradio's own start
 - warm   `python app.py --data-dir D` on a data directory that already exists (the usual start)
 - first  `python app.py --data-dir NEW` (creates the store and the Samples session)
 
@@ -23,7 +23,10 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BARE = "import gradio as gr, sys; gr.Blocks().launch(server_port=int(sys.argv[1]), ssr_mode=False)"
+BARE = ("import sys\nimport gradio as gr\nwith gr.Blocks() as demo:\n    pass\n"
+        "demo.launch(server_port=int(sys.argv[1]), ssr_mode=False)")
+"""An empty Blocks (Gradio 6 refuses `gr.Blocks().launch()` outside a `with`: 'Blocks' object has no attribute
+'exited')."""
 
 
 def free_port() -> int:

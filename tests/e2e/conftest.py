@@ -77,6 +77,6 @@ def page(browser):
     expect.set_options(timeout=int(os.environ.get("E2E_EXPECT_MS", "300000")))  # CI machines are slow and busy: wait for the UI, never assert speed
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
-    page.set_default_timeout(60_000)
+    page.set_default_timeout(300_000)  # a safety net: every wait is for an element or a text
     yield page
     context.close()
