@@ -21,12 +21,13 @@ def data_dir_of(args):
         return None
 
 
-def open_services(args, model: str | None = None, uses: str | None = None):
+def open_services(args, model: str | None = None, uses: str | None = None, *, models: bool = True):
     """Services for one command; `uses` is the model/detector spec deciding the default device
-    (real models go to CUDA/MPS when present, the demo stays on CPU)."""
+    (real models go to CUDA/MPS when present, the demo stays on CPU). `models=False`: a command that runs
+    no model (sessions, import) does not import torch, diffusers or transformers to quiet them."""
     from studio.services import Services, quiet_libraries, resolve_data_dir
 
-    quiet_libraries()
+    quiet_libraries(now=models)
     device = getattr(args, "device", None)
     spec = uses if uses is not None else model
     if device is None:

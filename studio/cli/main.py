@@ -375,7 +375,7 @@ def cmd_import(args) -> int:
             continue
         items.append(NewImage(rgb=rgb, source="uploaded", original_name=display_path(path.name),
                               params={"imported_from": display_path(path.resolve())}, caption=captions.get(path.name)))
-    services = open_services(args)
+    services = open_services(args, models=False)
     try:
         session = session_arg(services, args)
         for message in bad:
@@ -389,7 +389,7 @@ def cmd_import(args) -> int:
 
 
 def cmd_sessions(args) -> int:
-    services = open_services(args)
+    services = open_services(args, models=False)
     try:
         sessions = services.store.list_sessions()
         if args.json:

@@ -220,7 +220,7 @@ def paper_train_config(architecture: str, selector: bool):
 
 def deviations(config) -> list[tuple[str, object, object]]:
     """(setting, ours, paper) for every protocol value of the config that differs from the paper's
-    (studio/experiment_config.DEFAULTS), and for every training knob of the selector and the detectors
+    (studio.experiments.config.DEFAULTS), and for every training knob of the selector and the detectors
     that differs from the paper's recipe on an ADE20K-initialised UperNet (`paper_train_config`)."""
     from studio.experiments.config import DEFAULTS
 
