@@ -63,7 +63,7 @@ def start_long_generation(page, steps: int = 150, side: int = 1024) -> None:
 def api_client(url):
     from gradio_client import Client
 
-    return Client(url, verbose=False)
+    return Client(url, verbose=False, httpx_kwargs={"timeout": 300})  # a safety net on a busy machine (default 20 s)
 
 
 def test_a_generation_survives_a_reload_and_stop_saves_nothing(studio, page):
