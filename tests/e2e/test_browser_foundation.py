@@ -13,7 +13,7 @@ def gallery_images(page, elem_id: str):
     return page.locator(f"#{elem_id} img")
 
 
-def wait_for_count(page, elem_id: str, n: int, timeout_ms: int = 90_000) -> None:
+def wait_for_count(page, elem_id: str, n: int, timeout_ms: int = 600_000) -> None:
     page.wait_for_function(
         "([id, n]) => document.querySelectorAll(`#${id} img`).length >= n", arg=[elem_id, n], timeout=timeout_ms)
 
