@@ -65,7 +65,9 @@ def browser():
         if os.environ.get("ARTIFACT_STUDIO_REQUIRE_BROWSER"):
             pytest.fail(message)
         pytest.skip(message)
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=int(os.environ.get("E2E_EXPECT_MS", "300000")))  # for tests without `page` too
 
     with sync_playwright() as pw:
         instance = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
